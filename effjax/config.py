@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
+MATVEC_IMPLS = ("xla", "pallas", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 MLP_TYPES = ("swiglu", "relu2")
@@ -45,6 +46,12 @@ class ModelConfig:
   squared ReLU); `norm_type` "rmsnorm" or "ssnorm" (OSP single-scale RMSNorm, every norm of the
   model); `sub_ln` adds the 2B4T sub-norms before the attention output and the MLP down
   projections; `emb_proj` adds OSP's two d×d embedding projections (`effjax.layers.embed`).
+
+  `matvec_impl` picks the kernel of the dense projections and the LM head when they multiply at
+  most `pallas_kernels.gemv.MAX_M` rows (decoding): "xla" (jnp.einsum), "pallas" (the split-K
+  Pallas GEMV of `pallas_kernels.gemv` for every such product whose shapes it tiles, XLA for the
+  rest; interpret mode off-GPU) or "auto" ("pallas" on GPU, "xla" elsewhere). Training and
+  prefill (more rows) always use XLA.
   """
   vocab_size: int = 260
   d_model: int = 128
@@ -62,6 +69,7 @@ class ModelConfig:
   rope_original_max_len: int = 8192
   tie_embeddings: bool = True
   attention_impl: str = "xla"
+  matvec_impl: str = "xla"
   attention_bias: bool = False
   qk_norm: bool = False
   norm_eps: float = 1e-6
@@ -125,6 +133,7 @@ def _check_model(m: ModelConfig, prefix: str):
   _require(m.norm_eps > 0, f"{prefix}.norm_eps", f"must be > 0, got {m.norm_eps}")
   _check_choice(m.rope_scaling, f"{prefix}.rope_scaling", ROPE_SCALINGS)
   _check_choice(m.attention_impl, f"{prefix}.attention_impl", ATTENTION_IMPLS)
+  _check_choice(m.matvec_impl, f"{prefix}.matvec_impl", MATVEC_IMPLS)
   _check_choice(m.dtype, f"{prefix}.dtype", DTYPES)
   _check_choice(m.param_dtype, f"{prefix}.param_dtype", PARAM_DTYPES)
   _check_choice(m.mlp_type, f"{prefix}.mlp_type", MLP_TYPES)

@@ -23,8 +23,8 @@ Writes results/decode_bench.md (and prints the table).
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import statistics
 import sys
 import time
 
@@ -35,12 +35,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+
+from experiments import devtime  # noqa: E402
 
 from effjax.config import ModelConfig  # noqa: E402
 from effjax.decode.generate import decode_loop  # noqa: E402
 from effjax.decode.sampling import GREEDY  # noqa: E402
-from effjax.kv import DenseCache, init_layer_caches  # noqa: E402
+from effjax.kv import CacheConfig, DenseCache, init_layer_caches  # noqa: E402
+from effjax.layers.linear import project  # noqa: E402
 from effjax.models.transformer import Transformer  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -51,6 +53,9 @@ flags.DEFINE_string("out", "results/decode_bench.md", "markdown output")
 flags.DEFINE_bool("tiny", False, "tiny model (CPU smoke run of this script)")
 flags.DEFINE_string("unrolls", "1", "decode steps per while iteration (first is the main "
                     "table; others are extra rows for batch 1, first context)")
+flags.DEFINE_string("variants", "xla:xla", "comma-separated MATVEC:ATTEND kernel choices: "
+                    "model.matvec_impl (xla|pallas|auto) : DenseCache attend_impl "
+                    "(xla|pallas|auto); one table row per (variant, batch, context)")
 flags.DEFINE_bool("diagnose", True, "also time one decode step outside the loop (batch 1, "
                   "first context): separates loop overhead from the step itself")
 
@@ -65,74 +70,53 @@ def model_config(tiny: bool) -> ModelConfig:
                      param_dtype="bfloat16")
 
 
-def _median_wall(fn, *args, trials):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(trials):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
-def copy_bandwidth(trials: int) -> float:
-  """Bytes/s of y = x + 1 on a 1 GiB float32 array (read + write), slope between 2 and 12
-  in-loop repetitions (cancels dispatch and allocation)."""
-  n = (1 << 28) if jax.default_backend() == "gpu" else (1 << 20)
-  x = jnp.ones((n,), jnp.float32)
-  f = jax.jit(lambda a, k: jax.lax.fori_loop(0, k, lambda i, y: y + 1, a))
-  t1 = _median_wall(f, x, jnp.int32(2), trials=max(trials, 7))
-  t2 = _median_wall(f, x, jnp.int32(12), trials=max(trials, 7))
-  return 2 * 4 * n * 10 / (t2 - t1)
-
-
 def random_params(model, seed=0):
-  """Random bf16 params with the model's tree (N(0, 0.02); values do not affect speed)."""
+  """Random bf16 params with the model's tree (N(0, 0.02); values do not affect speed). One small
+  jitted generator per distinct leaf shape (compiles in seconds, unlike one program for all)."""
   abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
                                                         jnp.zeros((1, 1), jnp.int32))))
   leaves, treedef = jax.tree_util.tree_flatten(abstract)
-
-  @jax.jit
-  def make(key):
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [
-        (0.02 * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)
-        for k, a in zip(keys, leaves)])
-
-  return make(jax.random.key(seed))
+  make = jax.jit(lambda key, shape, dtype: (0.02 * jax.random.normal(key, shape, jnp.float32)
+                                            ).astype(dtype), static_argnums=(1, 2))
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(treedef, [make(k, a.shape, a.dtype)
+                                                for k, a in zip(keys, leaves)])
 
 
-def weights_only_step(cfg, params, B, trials):
+def weights_only_step(cfg, params, B, trials, matvec_impl="xla"):
   """Seconds for the decode step's matrix-vector products alone (all q/k/v/o, gate/up/down and
-  the tied LM head on the real weights, chained, no attention/norm/RoPE/cache/sampling); slope
-  between 2 and 10 in-program repetitions."""
+  the tied LM head on the real weights, chained, no attention/norm/RoPE/cache/sampling), through
+  `effjax.layers.linear.project` with `matvec_impl`; slope between 2 and 10 in-program
+  repetitions."""
   p = params["params"]
+
+  def mm(eqn, x, w, out_dtype=None):
+    return project(eqn, x, w, matvec_impl=matvec_impl, out_dtype=out_dtype)
 
   def once(x_BD):
     for i in range(cfg.num_layers):
       a, m = p[f"layers_{i}"]["attn"], p[f"layers_{i}"]["mlp"]
-      q = jnp.einsum("BD,DNH->BNH", x_BD, a["q_proj"]["kernel"])
-      k = jnp.einsum("BD,DKH->BKH", x_BD, a["k_proj"]["kernel"])
-      v = jnp.einsum("BD,DKH->BKH", x_BD, a["v_proj"]["kernel"])
-      o = jnp.einsum("BNH,NHD->BD", q, a["o_proj"]["kernel"])
+      q = mm("BD,DNH->BNH", x_BD, a["q_proj"]["kernel"])
+      k = mm("BD,DKH->BKH", x_BD, a["k_proj"]["kernel"])
+      v = mm("BD,DKH->BKH", x_BD, a["v_proj"]["kernel"])
+      o = mm("BNH,NHD->BD", q, a["o_proj"]["kernel"])
       x_BD = x_BD + o + (jnp.mean(k) + jnp.mean(v)).astype(x_BD.dtype)
-      h = jax.nn.silu(x_BD @ m["gate"]["kernel"]) * (x_BD @ m["up"]["kernel"])
-      x_BD = x_BD + h @ m["down"]["kernel"]
-    logits = jnp.einsum("BD,VD->BV", x_BD, p["embedding"], preferred_element_type=jnp.float32)
+      h = jax.nn.silu(mm("BD,DF->BF", x_BD, m["gate"]["kernel"])) * mm(
+          "BD,DF->BF", x_BD, m["up"]["kernel"])
+      x_BD = x_BD + mm("BF,FD->BD", h, m["down"]["kernel"])
+    logits = mm("BD,VD->BV", x_BD, p["embedding"], out_dtype=jnp.float32)
     return x_BD + jnp.max(logits).astype(x_BD.dtype)
 
-  f = jax.jit(lambda x, n: jax.lax.fori_loop(0, n, lambda i, y: once(y), x))
   x = jnp.ones((B, cfg.d_model), cfg.compute_dtype)
-  t1 = _median_wall(f, x, jnp.int32(2), trials=trials)
-  t2 = _median_wall(f, x, jnp.int32(10), trials=trials)
-  return (t2 - t1) / 8
+  return devtime.loop_seconds(once, x, n_lo=2, n_hi=10, trials=trials)
 
 
-def decode_program(model, cfg, B, C, nmax, unroll=1):
+def decode_program(model, cfg, B, C, nmax, unroll=1, attend_impl="xla"):
   """jit(params, limit) -> (tokens, steps): cache holding C positions, decode `limit` steps."""
+  cache = CacheConfig(DenseCache, options=(("attend_impl", attend_impl),))
 
   def run(params, limit):
-    caches = init_layer_caches(DenseCache, cfg.num_layers, B, C + nmax, cfg.num_kv_heads,
+    caches = init_layer_caches(cache, cfg.num_layers, B, C + nmax, cfg.num_kv_heads,
                                cfg.head_dim, cfg.compute_dtype)
     caches = [c.rollback(jnp.full((B,), C, jnp.int32)) for c in caches]
     tok = jnp.zeros((B,), jnp.int32)
@@ -170,59 +154,66 @@ def step_outside_loop(model, cfg, params, B, C, reps=50):
 
 def main(argv):
   del argv
-  cfg = model_config(FLAGS.tiny)
-  model = Transformer(cfg)
+  base_cfg = model_config(FLAGS.tiny)
   print(f"backend {jax.default_backend()} devices {jax.devices()}", flush=True)
   t0 = time.time()
-  params = random_params(model)
+  params = random_params(Transformer(base_cfg))
   jax.block_until_ready(params)
   w_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   print(f"params {n_params / 1e9:.3f} B, {w_bytes / 1e9:.3f} GB, init {time.time() - t0:.1f}s",
         flush=True)
-  bw = copy_bandwidth(FLAGS.trials)
+  bw = devtime.copy_bandwidth(max(FLAGS.trials, 7))
   print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
   rows = []
   contexts = [int(c) for c in FLAGS.contexts.split(",")]
   batches = [int(b) for b in FLAGS.batches.split(",")]
-  diag = ""
+  variants = [tuple(v.split(":")) for v in FLAGS.variants.split(",")]
+  for v in variants:
+    if len(v) != 2:
+      raise ValueError(f"--variants: each entry must be MATVEC:ATTEND, got {':'.join(v)!r}")
+  diag = []
   if FLAGS.diagnose:
-    t_step = step_outside_loop(model, cfg, params, batches[0], contexts[0])
-    t_w = weights_only_step(cfg, params, batches[0], FLAGS.trials)
-    diag = (f"Diagnosis (batch {batches[0]}, context {contexts[0]}): one decode step as its own "
-            f"jitted call (caches donated, calls pipelined): {t_step * 1e3:.3f} ms. The step's "
-            f"matrix-vector products alone (same weights, chained, in a loop): "
-            f"{t_w * 1e3:.3f} ms = {w_bytes / t_w / 1e12:.3f} TB/s of weights "
-            f"({100 * w_bytes / bw / t_w:.1f}% of the copy bandwidth). XLA_FLAGS="
-            f"{os.environ.get('XLA_FLAGS', '')!r}.")
-    print(diag, flush=True)
+    B, C = batches[0], contexts[0]
+    for mv in dict.fromkeys(v[0] for v in variants):
+      cfg = dataclasses.replace(base_cfg, matvec_impl=mv)
+      t_step = step_outside_loop(Transformer(cfg), cfg, params, B, C)
+      t_w = weights_only_step(cfg, params, B, FLAGS.trials, matvec_impl=mv)
+      diag.append(f"Diagnosis (batch {B}, context {C}, matvec_impl={mv}): one decode step as its "
+                  f"own jitted call (caches donated, calls pipelined): {t_step * 1e3:.3f} ms. "
+                  f"The step's matrix-vector products alone (same weights, chained, in a loop): "
+                  f"{t_w * 1e3:.3f} ms = {w_bytes / t_w / 1e12:.3f} TB/s of weights "
+                  f"({100 * w_bytes / bw / t_w:.1f}% of the copy bandwidth).")
+      print(diag[-1], flush=True)
   unrolls = [int(u) for u in FLAGS.unrolls.split(",")]
-  points = [(B, C, unrolls[0]) for B in batches for C in contexts]
-  points[1:1] = [(batches[0], contexts[0], u) for u in unrolls[1:]]
-  for B, C, unroll in points:
-    if True:  # pylint: disable=using-constant-test
-      kv_bytes = 2 * cfg.num_layers * B * C * cfg.num_kv_heads * cfg.head_dim * 2
-      floor_s = (w_bytes + kv_bytes) / bw
-      n1 = 4
-      n2 = n1 + max(8, min(64, int(0.05 / floor_s)))
-      t0 = time.time()
-      try:
-        prog = decode_program(model, cfg, B, C, n2 + unroll, unroll)
-        t1 = _median_wall(prog, params, jnp.int32(n1), trials=FLAGS.trials)
-        t2 = _median_wall(prog, params, jnp.int32(n2), trials=FLAGS.trials)
-      except Exception as e:  # pylint: disable=broad-except
-        print(f"B={B} C={C}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-        continue
-      step_s = (t2 - t1) / (n2 - n1)
-      cache_bytes = 2 * cfg.num_layers * B * (C + n2) * cfg.num_kv_heads * cfg.head_dim * 2
-      row = dict(B=B, C=C, unroll=unroll, ms=step_s * 1e3, tok_s=B / step_s, floor_ms=floor_s * 1e3,
-                 pct=100 * floor_s / step_s, kv_gb=kv_bytes / 1e9, cache_gb=cache_bytes / 1e9,
-                 wall=time.time() - t0, n=(n1, n2))
-      rows.append(row)
-      print(f"B={B:3d} C={C:6d} unroll={unroll}: {row['ms']:.3f} ms/step  {row['tok_s']:9.1f} tok/s  floor "
-            f"{row['floor_ms']:.3f} ms  {row['pct']:5.1f}% of floor  (KV {row['kv_gb']:.2f} GB, "
-            f"steps {n1}->{n2}, {row['wall']:.0f}s incl. compile)", flush=True)
-      _write(rows, cfg, n_params, w_bytes, bw, diag)
+  points = [(mv, at, B, C, unrolls[0]) for (mv, at) in variants for B in batches
+            for C in contexts]
+  points[1:1] = [(*variants[0], batches[0], contexts[0], u) for u in unrolls[1:]]
+  for mv, at, B, C, unroll in points:
+    cfg = dataclasses.replace(base_cfg, matvec_impl=mv)
+    model = Transformer(cfg)
+    kv_bytes = 2 * cfg.num_layers * B * C * cfg.num_kv_heads * cfg.head_dim * 2
+    floor_s = (w_bytes + kv_bytes) / bw
+    n1 = 4
+    n2 = n1 + max(8, min(64, int(0.05 / floor_s)))
+    t0 = time.time()
+    try:
+      prog = decode_program(model, cfg, B, C, n2 + unroll, unroll, attend_impl=at)
+      t1 = devtime.median_wall(prog, params, jnp.int32(n1), trials=FLAGS.trials)
+      t2 = devtime.median_wall(prog, params, jnp.int32(n2), trials=FLAGS.trials)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"{mv}:{at} B={B} C={C}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+      continue
+    step_s = (t2 - t1) / (n2 - n1)
+    row = dict(variant=f"{mv}:{at}", B=B, C=C, unroll=unroll, ms=step_s * 1e3, tok_s=B / step_s,
+               floor_ms=floor_s * 1e3, pct=100 * floor_s / step_s, kv_gb=kv_bytes / 1e9,
+               wall=time.time() - t0, n=(n1, n2))
+    rows.append(row)
+    print(f"{mv}:{at} B={B:3d} C={C:6d} unroll={unroll}: {row['ms']:.3f} ms/step  "
+          f"{row['tok_s']:9.1f} tok/s  floor {row['floor_ms']:.3f} ms  {row['pct']:5.1f}% of floor "
+          f" (KV {row['kv_gb']:.2f} GB, steps {n1}->{n2}, {row['wall']:.0f}s incl. compile)",
+          flush=True)
+    _write(rows, cfg, n_params, w_bytes, bw, " ".join(diag))
 
 
 def _write(rows, cfg, n_params, w_bytes, bw, diag):
@@ -234,20 +225,20 @@ def _write(rows, cfg, n_params, w_bytes, bw, diag):
       "",
       f"Model: Llama-3.2-1B-shaped effjax Transformer, {n_params / 1e9:.3f} B params, random bf16 "
       f"weights ({w_bytes / 1e9:.3f} GB), bf16 DenseCache, greedy. Device: {dev}, jax "
-      f"{jax.__version__}. Measured copy bandwidth (y = x + 1 on 1 GiB float32 in a loop, "
-      "read + write, slope of 2 -> 12 repetitions): "
+      f"{jax.__version__}. Measured copy bandwidth (y = x + 1 on 1 GiB float32, read + write, "
+      "devtime.copy_bandwidth): "
       f"{bw / 1e12:.3f} TB/s.",
       "",
       "Floor = (weight bytes + KV bytes of `context` positions) / copy bandwidth. Time per step = "
       "slope of the median wall time of one jitted program (cache set-up + decode loop) between "
       "n1 and n2 steps.",
       "",
-      "| batch | context | steps/while-iter | ms/step | tokens/s | floor ms/step | % of floor | "
-      "KV read GB/step |",
-      "|---:|---:|---:|---:|---:|---:|---:|---:|",
+      "| matvec:attend | batch | context | steps/while-iter | ms/step | tokens/s | floor ms/step "
+      "| % of floor | KV read GB/step |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for r in rows:
-    lines.append(f"| {r['B']} | {r['C']} | {r['unroll']} | {r['ms']:.3f} | {r['tok_s']:.1f} | "
+    lines.append(f"| {r['variant']} | {r['B']} | {r['C']} | {r['unroll']} | {r['ms']:.3f} | {r['tok_s']:.1f} | "
                  f"{r['floor_ms']:.3f} | {r['pct']:.1f} | {r['kv_gb']:.3f} |")
   lines += ["", diag, "", "Command: `python -m experiments.bench_decode` "
             f"(batches {FLAGS.batches}, contexts {FLAGS.contexts}, trials {FLAGS.trials})."]

@@ -280,6 +280,14 @@ def decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, sm_scale: Optional[flo
   if block_k < 16 or block_k & (block_k - 1):
     raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
   B, S, K, H = k_BSKH.shape
+  # blocks never longer than the sequence (the unmasked loop body slices whole blocks); caches
+  # shorter than 16 slots are padded (a few bytes; the padded slots are past every length)
+  block_k = min(block_k, max(16, 1 << (S.bit_length() - 1)))
+  if S < block_k:
+    pad = ((0, 0), (0, block_k - S), (0, 0), (0, 0))
+    k_BSKH, v_BSKH = jnp.pad(k_BSKH, pad), jnp.pad(v_BSKH, pad)
+    lengths_B = jnp.minimum(jnp.asarray(lengths_B), S)
+    S = block_k
   if num_splits is None:
     num_splits = default_num_splits(B, K, S, block_k)
   if num_splits < 1:

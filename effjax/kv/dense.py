@@ -11,6 +11,15 @@ key/value of position `s`, so
   context),
 * `rollback` only resets `lengths`: stale slots are overwritten before any query can see them.
 
+`attend_impl` (a static field, set through `init(..., attend_impl=...)` or
+`CacheConfig(DenseCache, options=(("attend_impl", "auto"),))`) picks the kernel of one-token
+queries (decode steps): "xla" (the einsums above, reading all `max_len` slots), "pallas"
+(`pallas_kernels.decode_attention`: split-K flash-decoding that reads only the `position + 1`
+valid slots of each row; interpret mode off-GPU) or "auto" ("pallas" on a GPU when head_dim is a
+power of two >= 16, else "xla"; the default). Multi-token calls always use the einsums. On an
+H200 the kernel made a batch-1 decode step of a 1.24B model 7% faster at 2k context and 23%
+faster at 32k (results/decode_bench.md).
+
 GQA is computed without repeating K/V: query heads are grouped as `[K, G]` and the einsums read
 each kv head once (`BTKGH,BSKH->BKGTS`). Scores and the softmax are float32; the cache is read in
 its storage dtype with float32 accumulation (no float32 copy of the cache is made). Long
@@ -26,6 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.kv.base import check_new_kv
+from pallas_kernels.decode_attention import decode_attention
+
+ATTEND_IMPLS = ("xla", "pallas", "auto")
 
 _Q_BLOCK = 256
 
@@ -43,21 +55,29 @@ class DenseCache:
     k_BSKH: keys `[batch, max_len, kv_heads, head_dim]` (already RoPE'd).
     v_BSKH: values `[batch, max_len, kv_heads, head_dim]`.
     lengths: int32 `[batch]`, number of valid positions per row.
+    attend_impl: kernel of one-token queries, one of ATTEND_IMPLS (static; module docstring).
   """
   k_BSKH: jax.Array
   v_BSKH: jax.Array
   lengths: jax.Array
+  attend_impl: str = flax.struct.field(pytree_node=False, default="auto")
 
   @classmethod
   def init(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-           dtype=jnp.bfloat16) -> "DenseCache":
-    """An empty cache (zeros, `lengths = 0`) holding positions `0 .. max_len - 1`."""
+           dtype=jnp.bfloat16, attend_impl: str = "auto") -> "DenseCache":
+    """An empty cache (zeros, `lengths = 0`) holding positions `0 .. max_len - 1`.
+
+    `attend_impl` ("xla", "pallas" or "auto") picks the decode-step attention kernel.
+    """
+    if attend_impl not in ATTEND_IMPLS:
+      raise ValueError(f"DenseCache.init: attend_impl must be one of {ATTEND_IMPLS}, got "
+                       f"{attend_impl!r}")
     for name, v in (("batch", batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
                     ("head_dim", head_dim)):
       _check_positive(name, v)
     shape = (batch, max_len, num_kv_heads, head_dim)
     return cls(k_BSKH=jnp.zeros(shape, dtype), v_BSKH=jnp.zeros(shape, dtype),
-               lengths=jnp.zeros((batch,), jnp.int32))
+               lengths=jnp.zeros((batch,), jnp.int32), attend_impl=attend_impl)
 
   @property
   def max_len(self) -> int:
@@ -118,6 +138,11 @@ class DenseCache:
                        f"{positions_BT.shape}")
     G = N // K
     scale = H ** -0.5 if sm_scale is None else sm_scale
+    if T == 1 and self._pallas_decode():
+      out_BNH = decode_attention(q_BTNH[:, 0], self.k_BSKH, self.v_BSKH,
+                                 positions_BT[:, 0].astype(jnp.int32) + 1, sm_scale=scale,
+                                 interpret=jax.default_backend() != "gpu")
+      return out_BNH[:, None].astype(q_BTNH.dtype)
     q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
     pos_BT = positions_BT.astype(jnp.int32)
     if T <= _Q_BLOCK:
@@ -134,6 +159,13 @@ class DenseCache:
           (q_nBtKGH, pos_nBt))
       out_BTKGH = jnp.moveaxis(out_nBtKGH, 0, 1).reshape(B, nb * _Q_BLOCK, K, G, H)[:, :T]
     return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+  def _pallas_decode(self) -> bool:
+    if self.attend_impl == "pallas":
+      return True
+    H = self.k_BSKH.shape[3]
+    return (self.attend_impl == "auto" and jax.default_backend() == "gpu" and H >= 16
+            and H & (H - 1) == 0)
 
   def nbytes(self) -> int:
     """Device bytes of the cache arrays (keys, values and lengths)."""

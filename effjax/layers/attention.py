@@ -19,7 +19,6 @@ RMSNorm or single-scale RMSNorm for that norm and for the q/k norms.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from effjax.attention import attend
 from effjax.config import ModelConfig
@@ -36,7 +35,8 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache=None, mask_BTS=None):
     c = self.cfg
     D, N, K, H = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
-    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, use_bias=c.attention_bias)
+    kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype, use_bias=c.attention_bias,
+              matvec_impl=c.matvec_impl)
     q_BTNH = make_projection(c.linear, (D, N, H), "BTD,DNH->BTNH", ("embed", "heads", "head_dim"),
                              name="q_proj", **kw)(x_BTD)
     k_BTKH = make_projection(c.linear, (D, K, H), "BTD,DKH->BTKH",
@@ -66,6 +66,7 @@ class Attention(nn.Module):
       out_BTF = make_norm(c, "attn_sub_norm", axis_name="heads")(out_BTNH.reshape(B, T, N * H))
       out_BTNH = out_BTF.reshape(B, T, N, H)
     y_BTD = make_projection(c.linear, (N, H, D), "BTNH,NHD->BTD", ("heads", "head_dim", "embed"),
-                            name="o_proj", dtype=c.compute_dtype, param_dtype=c.weight_dtype)(
+                            name="o_proj", dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                            matvec_impl=c.matvec_impl)(
                                 out_BTNH.astype(c.compute_dtype))
     return y_BTD, cache

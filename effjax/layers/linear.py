@@ -5,6 +5,11 @@
 attached to the parameter at init (`flax.linen.with_logical_partitioning`) and mapped to mesh axes
 by the rules in `effjax.sharding`. The init is a truncated normal with variance 1/fan_in, where
 fan_in is the product of the kernel dims contracted with `x`.
+
+`project(eqn, x, kernel, matvec_impl=...)` is the product itself: `jnp.einsum`, or, for few rows
+(decoding) with `matvec_impl` "pallas"/"auto", the split-K Pallas GEMV of `pallas_kernels.gemv`
+on the same weights viewed as a 2-D matrix (a free reshape: the contracted axes of `x` are its
+trailing axes and the kernel's leading ("kn") or trailing ("nk") axes, in the same order).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import math
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from pallas_kernels import gemv as gemv_lib
 
 
 def contracted_kernel_axes(eqn: str) -> tuple[int, ...]:
@@ -21,6 +29,58 @@ def contracted_kernel_axes(eqn: str) -> tuple[int, ...]:
   lhs, out = eqn.replace(" ", "").split("->")
   x_spec, w_spec = lhs.split(",")
   return tuple(i for i, a in enumerate(w_spec) if a in x_spec and a not in out)
+
+
+def matvec_layout(eqn: str) -> tuple[str, int] | None:
+  """(`"kn"` or `"nk"`, number of contracted axes) when `einsum(eqn, x, w)` is `x2 @ w2` (or
+  `x2 @ w2ᵀ`) after flattening x to [rows, contracted] and w to 2-D without moving data (the
+  contracted axes trail in `x` and lead ("kn") or trail ("nk") in `w`, in the same order); None
+  otherwise."""
+  lhs, out = eqn.replace(" ", "").split("->")
+  x_spec, w_spec = lhs.split(",")
+  con = "".join(a for a in x_spec if a in w_spec and a not in out)
+  rows = x_spec[:len(x_spec) - len(con)]
+  if not con or x_spec != rows + con or any(a in w_spec for a in rows):
+    return None
+  if w_spec.startswith(con) and out == rows + w_spec[len(con):]:
+    return "kn", len(con)
+  if w_spec.endswith(con) and out == rows + w_spec[:len(w_spec) - len(con)]:
+    return "nk", len(con)
+  return None
+
+
+def _use_gemv(matvec_impl: str) -> bool:
+  if matvec_impl not in ("xla", "pallas", "auto"):
+    raise ValueError(f"matvec_impl: got {matvec_impl!r}, allowed: ['xla', 'pallas', 'auto']")
+  return matvec_impl == "pallas" or (matvec_impl == "auto" and jax.default_backend() == "gpu")
+
+
+def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
+  """`einsum(eqn, x, kernel)`, accumulating in float32 and returning `out_dtype` (default x's).
+
+  With `matvec_impl` "pallas" (or "auto" on a GPU) and at most `gemv.MAX_M` rows of `x`, the
+  product runs in `pallas_kernels.gemv.gemv` when the equation is a plain matrix product
+  (`matvec_layout`) and the shapes tile with the kernel's default blocks; otherwise in XLA. The
+  kernel runs in interpret mode off-GPU (tests).
+  """
+  want = jnp.dtype(out_dtype or x.dtype)
+  spec = matvec_layout(eqn) if _use_gemv(matvec_impl) else None
+  if spec is not None:
+    layout, n_con = spec
+    row_shape = x.shape[:x.ndim - n_con]
+    m = math.prod(row_shape)
+    k = math.prod(x.shape[x.ndim - n_con:])
+    out_w = kernel.shape[n_con:] if layout == "kn" else kernel.shape[:kernel.ndim - n_con]
+    n = math.prod(out_w)
+    blocks = gemv_lib.default_blocks(m, k, n, layout)
+    if 1 <= m <= gemv_lib.MAX_M and gemv_lib.supported(m, k, n, **blocks):
+      w2 = kernel.reshape((k, n) if layout == "kn" else (n, k))
+      y = gemv_lib.gemv(x.reshape(m, k), w2, w_layout=layout, out_dtype=want,
+                        interpret=jax.default_backend() != "gpu", **blocks)
+      return y.reshape(*row_shape, *out_w)
+  if out_dtype is None:  # the plain path, unchanged
+    return jnp.einsum(eqn, x, kernel)
+  return jnp.einsum(eqn, x, kernel, preferred_element_type=jnp.float32).astype(want)
 
 
 class Einsum(nn.Module):
@@ -32,6 +92,7 @@ class Einsum(nn.Module):
     axes: logical axis names of the kernel, one per dim.
     use_bias: add a bias whose shape is the kernel's non-contracted dims.
     dtype: compute dtype; param_dtype: storage dtype.
+    matvec_impl: kernel for few-row products ("xla", "pallas", "auto"; see `project`).
   """
   shape: Sequence[int]
   eqn: str
@@ -39,6 +100,7 @@ class Einsum(nn.Module):
   use_bias: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  matvec_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -49,7 +111,8 @@ class Einsum(nn.Module):
     init = nn.initializers.truncated_normal(stddev=1.0 / math.sqrt(fan_in))
     kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
                         tuple(self.shape), self.param_dtype)
-    y = jnp.einsum(self.eqn, x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+    y = project(self.eqn, x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
+                matvec_impl=self.matvec_impl)
     if self.use_bias:
       bias_dims = [i for i in range(len(self.shape)) if i not in contracted]
       bias = self.param("bias", nn.with_logical_partitioning(

@@ -36,6 +36,7 @@ class GatedMLP(nn.Module):
     activation: "silu" (SwiGLU) or "relu2" (gated squared ReLU).
     linear: projection class name for gate/up/down.
     sub_norm: optional factory `name -> norm module` for the SubLN before `down`.
+    matvec_impl: few-row product kernel of dense projections (`effjax.layers.linear.project`).
   """
   d_model: int
   mlp_dim: int
@@ -44,12 +45,13 @@ class GatedMLP(nn.Module):
   activation: str = "silu"
   linear: str = "dense"
   sub_norm: Optional[Callable[[str], nn.Module]] = None
+  matvec_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x_BTD):
     if self.activation not in _ACTIVATIONS:
       raise ValueError(f"activation: got {self.activation!r}, allowed: {sorted(_ACTIVATIONS)}")
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, matvec_impl=self.matvec_impl)
     D, F = self.d_model, self.mlp_dim
     gate_BTF = make_projection(self.linear, (D, F), "BTD,DF->BTF", ("embed", "mlp"), name="gate",
                                **kw)(x_BTD)
@@ -84,4 +86,5 @@ def make_mlp(cfg, name: str = "mlp") -> GatedMLP:
   if cfg.sub_ln:
     sub_norm = lambda n: make_norm(cfg, n, axis_name="mlp")  # noqa: E731
   return MLPS[cfg.mlp_type](cfg.d_model, cfg.mlp_dim, cfg.compute_dtype, cfg.weight_dtype,
-                            linear=cfg.linear, sub_norm=sub_norm, name=name)
+                            linear=cfg.linear, sub_norm=sub_norm, matvec_impl=cfg.matvec_impl,
+                            name=name)

@@ -26,15 +26,19 @@ LINEARS = ("dense", "bitlinear", "ternary_packed")
 
 
 def make_projection(linear: str, shape: Sequence[int], eqn: str, axes: Sequence[str], *,
-                    name: str, dtype, param_dtype, use_bias: bool = False) -> nn.Module:
+                    name: str, dtype, param_dtype, use_bias: bool = False,
+                    matvec_impl: str = "xla") -> nn.Module:
   """The projection module for `linear` (one of LINEARS); see the module docstring.
+
+  `matvec_impl` picks the few-row (decode) product kernel of the dense layer
+  (`effjax.layers.linear.project`); the ternary layers have their own kernels and ignore it.
 
   Raises:
     ValueError: unknown `linear`, or `use_bias` with a ternary layer (BitLinear has no bias).
   """
   if linear == "dense":
     return Einsum(shape, eqn, axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  name=name)
+                  matvec_impl=matvec_impl, name=name)
   if use_bias:
     raise ValueError(f"model.linear={linear!r} has no bias; set model.attention_bias=False")
   if linear == "bitlinear":

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from effjax.config import ModelConfig
 from effjax.layers.attention import Attention
 from effjax.layers.embed import EmbProj
+from effjax.layers.linear import project
 from effjax.layers.mlp import make_mlp
 from effjax.layers.norms import make_norm
 
@@ -96,12 +97,11 @@ class Transformer(nn.Module):
     h_BTD = self.final_norm(h_BTD)
     if c.emb_proj:
       h_BTD = self.emb_proj_out(h_BTD)
-    if c.tie_embeddings:
-      w_DV = self.embedding.T
-    else:
-      w_DV = self.head
-    return jnp.einsum("BTD,DV->BTV", h_BTD, w_DV.astype(c.compute_dtype),
-                      preferred_element_type=jnp.float32).astype(jnp.float32)
+    if c.tie_embeddings:  # the [V, D] embedding as it is (no transposed copy)
+      return project("BTD,VD->BTV", h_BTD, self.embedding.astype(c.compute_dtype),
+                     matvec_impl=c.matvec_impl, out_dtype=jnp.float32)
+    return project("BTD,DV->BTV", h_BTD, self.head.astype(c.compute_dtype),
+                   matvec_impl=c.matvec_impl, out_dtype=jnp.float32)
 
   def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None,
                caches: Optional[Sequence] = None, mask_BTS=None):

@@ -145,3 +145,27 @@ def test_errors_name_the_argument():
   with pytest.raises(TypeError, match="protocol"):
     CacheConfig(int)
   assert as_cache_config(DenseCache) == CacheConfig(DenseCache)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_pallas_decode_attend_equals_xla(rng, dtype, tol):
+  """attend_impl="pallas" (split-K decode kernel; interpret mode on CPU) == the einsum path for
+  one-token queries at ragged positions; multi-token queries keep the einsum path."""
+  B, K, G, H = 3, 2, 3, 32
+  S = int(rng.integers(40, 90)) | 1
+  ref_c = DenseCache.init(B, S, K, H, dtype, attend_impl="xla")
+  k = jnp.asarray(rng.standard_normal((B, S, K, H)), dtype)
+  v = jnp.asarray(rng.standard_normal((B, S, K, H)), dtype)
+  ref_c = ref_c.update(k, v, jnp.broadcast_to(jnp.arange(S)[None], (B, S)))
+  pal_c = ref_c.replace(attend_impl="pallas")
+  q = jnp.asarray(rng.standard_normal((B, 1, K * G, H)), dtype)
+  pos = jnp.asarray([[0], [S - 1], [int(rng.integers(1, S - 1))]], jnp.int32)
+  out = jax.jit(lambda c, q, p: c.attend(q, p))(pal_c, q, pos)
+  assert out.dtype == dtype and out.shape == q.shape
+  assert rel_err(out, ref_c.attend(q, pos)) < tol
+  q2 = jnp.asarray(rng.standard_normal((B, 2, K * G, H)), dtype)
+  pos2 = jnp.concatenate([pos, pos], axis=1)
+  np.testing.assert_array_equal(np.asarray(pal_c.attend(q2, pos2), np.float32),
+                                np.asarray(ref_c.attend(q2, pos2), np.float32))
+  with pytest.raises(ValueError, match="attend_impl"):
+    DenseCache.init(B, S, K, H, dtype, attend_impl="cudnn")

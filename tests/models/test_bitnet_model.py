@@ -17,6 +17,14 @@ from effjax.optim import make_optimizer
 from tests.conftest import rel_err
 from tests.models.lowbit_reference import ref_forward
 
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+  """XLA on a GPU runs float32 matmuls in TF32 by default; the fake-quant references here must be
+  float32 (a TF32 rounding can flip an int8 activation code, ~1e-2 logit error seen on an H200)."""
+  with jax.default_matmul_precision("float32"):
+    yield
+
 # odd sizes; the packed layout pads K and N (to multiples of 4 * align)
 BITNET = dict(vocab_size=261, d_model=40, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=72,
               max_seq_len=32, linear="bitlinear", mlp_type="relu2", sub_ln=True)

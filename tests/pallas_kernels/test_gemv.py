@@ -1,0 +1,88 @@
+"""Split-K Pallas GEMV (pallas_kernels/gemv.py) vs its float32 reference, and its use by the model."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from effjax.config import ModelConfig
+from effjax.layers.linear import matvec_layout, project
+from effjax.models.transformer import Transformer
+from pallas_kernels.gemv import MAX_M, gemv, gemv_reference
+from tests.conftest import rel_err
+
+INTERPRET = jax.default_backend() != "gpu"
+
+
+@pytest.mark.parametrize("m,layout,mode,split", [(1, "kn", None, 4), (3, "kn", "dot", 2),
+                                                  (5, "kn", "fma", 1), (1, "nk", None, 2),
+                                                  (7, "nk", "dot", 4), (MAX_M, "nk", "fma", 1)])
+def test_matches_reference(rng, m, layout, mode, split):
+  k = 32 * split * int(rng.integers(1, 4))
+  n = 32 * int(rng.integers(1, 5))
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((k, n) if layout == "kn" else (n, k)), jnp.bfloat16)
+  y = gemv(x, w, w_layout=layout, mode=mode, block_n=32, block_k=32, split_k=split,
+           out_dtype=jnp.float32, interpret=INTERPRET)
+  assert y.shape == (m, n) and y.dtype == jnp.float32
+  # bf16 inputs, float32 accumulation: only summation order differs from the float32 reference
+  assert rel_err(y, gemv_reference(x, w, w_layout=layout)) < 1e-5
+
+
+def test_default_blocks_and_bf16_out(rng):
+  x = jnp.asarray(rng.standard_normal((2, 512)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((512, 384)), jnp.bfloat16)
+  y = gemv(x, w, interpret=INTERPRET)
+  assert y.dtype == jnp.bfloat16
+  assert rel_err(y, gemv_reference(x, w)) < 1e-2
+
+
+def test_errors_name_the_argument(rng):
+  x = jnp.ones((2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="w_layout"):
+    gemv(x, jnp.ones((64, 32), jnp.bfloat16), w_layout="kk")
+  with pytest.raises(ValueError, match="disagree on K"):
+    gemv(x, jnp.ones((48, 32), jnp.bfloat16))
+  with pytest.raises(ValueError, match="M"):
+    gemv(jnp.ones((MAX_M + 1, 64), jnp.bfloat16), jnp.ones((64, 32), jnp.bfloat16))
+  with pytest.raises(ValueError, match="tile"):
+    gemv(x, jnp.ones((64, 48), jnp.bfloat16), block_n=32)
+  with pytest.raises(ValueError, match="mode"):
+    gemv(x, jnp.ones((64, 32), jnp.bfloat16), mode="wmma")
+
+
+def test_matvec_layout():
+  assert matvec_layout("BTD,DNH->BTNH") == ("kn", 1)
+  assert matvec_layout("BTNH,NHD->BTD") == ("kn", 2)
+  assert matvec_layout("BTD,VD->BTV") == ("nk", 1)
+  assert matvec_layout("BTD,DV->BTV") == ("kn", 1)
+  assert matvec_layout("BTNH,HND->BTD") is None   # contracted axes in another order
+  assert matvec_layout("BTD,DNH->BNTH") is None   # output axes moved
+
+
+@pytest.mark.parametrize("eqn,xs,ws", [("BTD,DNH->BTNH", (2, 1, 64), (64, 4, 16)),
+                                       ("BTNH,NHD->BTD", (1, 3, 4, 16), (4, 16, 96)),
+                                       ("BTD,VD->BTV", (3, 1, 64), (160, 64))])
+def test_project_pallas_equals_einsum(rng, eqn, xs, ws):
+  x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
+  ref = jnp.einsum(eqn, x, w, precision=jax.lax.Precision.HIGHEST)
+  out = project(eqn, x, w, matvec_impl="pallas")
+  assert out.shape == ref.shape
+  assert rel_err(out, ref) < 1e-5
+
+
+def test_model_decode_logits_same_with_pallas_matvec(rng):
+  cfg = ModelConfig(vocab_size=320, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    mlp_dim=128, max_seq_len=32)
+  tok = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 1)), jnp.int32)
+  params = Transformer(cfg).init(jax.random.key(int(rng.integers(1 << 30))), tok)
+  with jax.default_matmul_precision("float32"):  # XLA on GPU would use TF32 otherwise
+    ref = Transformer(cfg).apply(params, tok)
+    out = Transformer(dataclasses.replace(cfg, matvec_impl="pallas")).apply(params, tok)
+  assert rel_err(out, ref) < 1e-5
+  # the Pallas path is really taken (rows = 3 <= MAX_M): the program holds pallas_calls
+  jaxpr = str(jax.make_jaxpr(Transformer(dataclasses.replace(cfg, matvec_impl="pallas")).apply)(
+      params, tok))
+  assert "gemv_kn" in jaxpr and "gemv_nk" in jaxpr
