@@ -7,41 +7,46 @@ arXiv 2402.17764), Eq. for W~ and x~ (Sec. 2); "BitNet b1.58 2B4T Technical Repo
 int8 activations (per-token scale scale_x) with ternary weights in {-1, 0, 1} (per-tensor scale
 scale_w = gamma), reading the weights in the planar 2-bit layout of `effjax.quant.ternary`:
 
-  word[r, c] (int32 view of the packed bytes, [K4, N4]) holds W[j*K4 + r, i*N4 + c] + 1 at bit
-  8*i + 2*j, i, j in 0..3.
+  word[r, c] (int32 words, [K4, N4]) holds W[j*K4 + r, i*N4 + c] + 1 at bit 8*i + 2*j, i, j in 0..3.
 
 So a tile of words [bk4, bw] gives, for every (i, j), a dense code tile c_ij = (w >> (8i+2j)) & 3
-that multiplies x[:, j*K4 + rows] and lands in y[:, i*N4 + cols]: the kernel unpacks with one shift
+that multiplies x[:, j*K4 + rows] and lands in y[:, i*N4 + cols]: the kernels unpack with one shift
 and one mask on contiguous tiles, and the 4 x-planes and 4 y-planes are contiguous slices.
 With codes c = w + 1, sum_k x_k w_k = sum_k x_k c_k - sum_k x_k (all integer, exact).
 
-Kernels (all integer arithmetic is exact; only the final scale multiply rounds):
+Both kernels are split-K: grid (column tiles, K splits, row blocks); program (c, s, t) reads the
+contiguous word tile rows [s*K4/split, (s+1)*K4/split) x columns [c*bw, (c+1)*bw) in steps of
+[bk4, bw] words and writes exact int32 partial sums (minus the sum of its own x slice) to
+out[s, rows, 4, cols]; one small XLA fusion adds the splits, scales and casts. Many programs (the
+automatic configs aim at >= `TARGET_PROGRAMS` ~ 4 per SM of an H200) keep enough loads in flight to
+stream the weights at HBM bandwidth, which a decode-shaped product (M = 1) needs: its arithmetic
+per byte is tiny.
 
-* `gemv` (decode, one program per token and column tile): SIMD-within-a-register. The masks
-  0x00030003 on w >> 2j and on (w >> 8) >> 2j put the codes of two output columns (i = 0, 2 and
-  i = 1, 3) in the two 16-bit halves of an int32, so one int32 multiply-add by x accumulates two
-  columns. A half holds at most `_LANE_PRODUCTS` = 128 products of |code * x| <= 256, so it stays in
-  int16 range; the loop flushes (sign-extends the low half, shifts out the high half, reduces over
-  rows) every `chunk` iterations with 4 * chunk <= 128. Optional split-K over a grid axis writes
-  int32 partial sums that XLA adds and scales.
-* `dot` (M padded to the row block): per (i, j) a tensor-core dot of the x tile [bm, bk4] with
-  the unpacked code tile [bk4, bw], int8 x int8 -> int32, accumulated over K. Used by "auto" for
-  GEMV_MAX_M < M <= DOT_MAX_M (at M = 64 it beat XLA's int8 GEMM but not bf16; results/ternary.md).
-* `xla_int8` / `xla_bf16`: unpack the whole weight with XLA (one fused elementwise pass, writes
-  K*N bytes / 2*K*N bytes) then an XLA int8 (int32 accumulate) or bf16 matmul. This is the
-  "unpack then dense matmul" path for large M, where the matmul is compute bound and the weight
-  read is negligible. `impl="auto"` uses xla_bf16 above `DOT_MAX_M`: a ternary path that is a bf16
-  GEMM plus an unpack pass, i.e. never faster than bf16 there (stated, not hidden).
+* `gemv` (M <= GEMV_MAX_M under "auto"): SIMD-within-a-register on CUDA cores. The masks
+  0x00030003 on w >> 2j and on (w >> 8) >> 2j put the codes of two output columns (planes i = 0, 2
+  and i = 1, 3) in the two 16-bit halves of an int32, so one int32 multiply-add by x accumulates two
+  columns: per word 7 shifts, 8 ands and 8 multiply-adds per token. A half holds at most
+  `_LANE_PRODUCTS` = 128 products of |code * x| <= 256, so it stays in int16 range; every `chunk`
+  steps (4 * chunk <= 128 products) the halves are split (sign-extend the low half, shift out the
+  high one) and summed over rows. `block_t` tokens share one unpacked tile.
+* `dot` (GEMV_MAX_M < M <= DOT_MAX_M under "auto"): per (i, j) a tensor-core dot of the x tile
+  [bm, bk4] with the unpacked int8 code tile [bk4, bw], int32 accumulation; M padded to bm >= 16.
+* `xla_int8` / `xla_bf16`: unpack the whole weight with XLA (one fused pass that writes K*N or 2*K*N
+  bytes), then an XLA int8 (int32 accumulation) or bf16 matmul: the "unpack then dense matmul" path
+  for large M, where the matmul is compute bound. "auto" uses xla_bf16 above DOT_MAX_M, a bf16 GEMM
+  plus an unpack pass, i.e. not faster than bf16 there (stated, not hidden).
 
-`impl="auto"` picks by M (thresholds from experiments/bench_ternary.py on an H200, see
-results/ternary.md). Triton (GPU) lowering via `jax.experimental.pallas.triton.CompilerParams`;
-pass `interpret=True` (the default off-GPU) to run the kernels in the Pallas interpreter on CPU.
+`impl="auto"` picks by M; the thresholds are predictions until experiments/bench_ternary.py's sweep
+on an H200 confirms them (results/ternary.md). The weights should be int32 words
+(`effjax.quant.ternary.as_words`, once at load time): a uint8 `packed` is converted on every call,
+which XLA does as an extra full pass over the weight. Triton (GPU) lowering via
+`jax.experimental.pallas.triton.CompilerParams`; `interpret=True` (the default off-GPU) runs the
+kernels in the Pallas interpreter on CPU.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -50,14 +55,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from effjax.layers.bitlinear import int8_act_codes
-from effjax.quant.ternary import PackedTernary, unpack_2bit
+from effjax.quant.ternary import PackedTernary, unpack_2bit, words_2bit
 
-__all__ = ["ternary_matmul_reference", "ternary_matmul", "ternary_linear", "GEMV_MAX_M",
-           "DOT_MAX_M", "IMPLS"]
+__all__ = ["ternary_matmul_reference", "ternary_matmul", "ternary_linear", "gemv_config",
+           "dot_config", "auto_impl", "GEMV_MAX_M", "DOT_MAX_M", "IMPLS", "TARGET_PROGRAMS"]
 
 IMPLS = ("auto", "gemv", "dot", "xla_int8", "xla_bf16", "reference")
-GEMV_MAX_M = 16      # M <= this: gemv kernel (up to 8 tokens per program)
-DOT_MAX_M = 256      # GEMV_MAX_M < M <= this: dot kernel; above: unpack + XLA bf16 matmul
+GEMV_MAX_M = 4       # "auto": M <= this -> gemv (SWAR; cost per word grows with M)
+DOT_MAX_M = 256      # GEMV_MAX_M < M <= this -> dot; above: unpack + XLA bf16 matmul
+TARGET_PROGRAMS = 512  # automatic split-K aims at >= this many programs (H200: 132 SMs)
 _LANE_PRODUCTS = 128  # products a 16-bit half may accumulate before a flush
 _LANE_MASK = 0x00030003
 
@@ -78,25 +84,23 @@ def ternary_matmul_reference(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTer
 # ----------------------------------------------------------------------------- kernels
 
 
-def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, k4, k4s, bk4, n_chunks, chunk, finalize):
-  """A block of tm tokens, one column tile of bw words (4*bw outputs), one K split.
+def _gemv_kernel(x_ref, w_ref, o_ref, *, k4, k4s, bk4, n_chunks, chunk):
+  """tm tokens x one column tile (bw words = 4*bw outputs) x one K split, SWAR on CUDA cores.
 
-  x_ref [tm, Kp] int8, w_ref [k4s, bw] int32, s_ref [tm] float32 (scale_w * scale_x),
-  o_ref [tm, 4, bw] (float if finalize else int32 partial sums). The weight tile is unpacked once
-  and used by all tm tokens.
+  x_ref [tm, Kp] int8, w_ref [k4s, bw] int32 words, o_ref [tm, 4, bw] int32 partial sums.
   """
   tm = x_ref.shape[0]
   bw = w_ref.shape[1]
   k0 = pl.program_id(1) * k4s  # first packed row of this K split
 
-  def inner(t, carry):
+  def step(t, carry):
     accs, xss = list(carry[0]), list(carry[1])
-    r0 = pl.multiple_of(t * bk4, bk4)
+    r0 = t * bk4 if isinstance(t, int) else pl.multiple_of(t * bk4, bk4)
     w = w_ref[pl.ds(r0, bk4), :]
     wh = lax.shift_right_arithmetic(w, 8)
     for j in range(4):
-      lo = lax.shift_right_arithmetic(w, 2 * j) & _LANE_MASK
-      hi = lax.shift_right_arithmetic(wh, 2 * j) & _LANE_MASK
+      lo = lax.shift_right_arithmetic(w, 2 * j) & _LANE_MASK   # planes i = 0 (low), 2 (high)
+      hi = lax.shift_right_arithmetic(wh, 2 * j) & _LANE_MASK  # planes i = 1 (low), 3 (high)
       for mi in range(tm):
         xj = x_ref[mi, pl.ds(j * k4 + k0 + r0, bk4)].astype(jnp.int32)
         xss[mi] = xss[mi] + xj
@@ -109,11 +113,14 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, k4, k4s, bk4, n_chunks, chunk, f
     high = lax.shift_right_arithmetic(acc - low, 16)
     return jnp.sum(low, axis=0), jnp.sum(high, axis=0)
 
-  def outer(ci, carry):
+  def chunk_body(ci, carry):
     ys, xss = carry
     zeros = jnp.zeros((bk4, bw), jnp.int32)
-    accs, xss = lax.fori_loop(ci * chunk, (ci + 1) * chunk, inner,
-                              (tuple((zeros, zeros) for _ in range(tm)), xss))
+    init = (tuple((zeros, zeros) for _ in range(tm)), xss)
+    if chunk == 1:
+      accs, xss = step(ci, init)
+    else:
+      accs, xss = lax.fori_loop(ci * chunk, (ci + 1) * chunk, step, init)
     new_ys = []
     for mi in range(tm):
       a0, a2 = split_lanes(accs[mi][0])
@@ -126,33 +133,30 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, k4, k4s, bk4, n_chunks, chunk, f
   init = (tuple((zv, zv, zv, zv) for _ in range(tm)),
           tuple(jnp.zeros((bk4,), jnp.int32) for _ in range(tm)))
   if n_chunks == 1:
-    ys, xss = outer(0, init)
+    ys, xss = chunk_body(0, init)
   else:
-    ys, xss = lax.fori_loop(0, n_chunks, outer, init)
+    ys, xss = lax.fori_loop(0, n_chunks, chunk_body, init)
   for mi in range(tm):
     xsum = jnp.sum(xss[mi])
     for i, yi in enumerate(ys[mi]):
-      yi = yi - xsum
-      if finalize:
-        o_ref[mi, i, :] = (yi.astype(jnp.float32) * s_ref[mi]).astype(o_ref.dtype)
-      else:
-        o_ref[mi, i, :] = yi
+      o_ref[mi, i, :] = yi - xsum
 
 
-def _dot_kernel(x_ref, w_ref, s_ref, o_ref, *, k4, bk4, n_iter):
-  """Row block bm x column tile bw words: 16 tensor-core dots per K step.
+def _dot_kernel(x_ref, w_ref, o_ref, *, k4, k4s, bk4, n_iter):
+  """Row block bm x column tile bw words x one K split: 16 tensor-core dots per K step.
 
-  x_ref [bm, Kp] int8, w_ref [K4, bw] int32, s_ref [bm] float32, o_ref [bm, 4, bw].
+  x_ref [bm, Kp] int8, w_ref [k4s, bw] int32 words, o_ref [bm, 4, bw] int32 partial sums.
   """
   bm = x_ref.shape[0]
   bw = w_ref.shape[1]
+  k0 = pl.program_id(1) * k4s
 
   def body(t, carry):
     accs, xs = list(carry[:4]), carry[4]
     r0 = pl.multiple_of(t * bk4, bk4)
     w = w_ref[pl.ds(r0, bk4), :]
     for j in range(4):
-      xj = x_ref[:, pl.ds(j * k4 + r0, bk4)]
+      xj = x_ref[:, pl.ds(j * k4 + k0 + r0, bk4)]
       xs = xs + jnp.sum(xj.astype(jnp.int32), axis=1)
       for i in range(4):
         c = (lax.shift_right_arithmetic(w, 8 * i + 2 * j) & 3).astype(jnp.int8)
@@ -161,14 +165,11 @@ def _dot_kernel(x_ref, w_ref, s_ref, o_ref, *, k4, bk4, n_iter):
 
   za = jnp.zeros((bm, bw), jnp.int32)
   out = lax.fori_loop(0, n_iter, body, (za, za, za, za, jnp.zeros((bm,), jnp.int32)))
-  xsum = out[4].astype(jnp.float32)
-  s = s_ref[...]
   for i in range(4):
-    yi = (out[i].astype(jnp.float32) - xsum[:, None]) * s[:, None]
-    o_ref[:, i, :] = yi.astype(o_ref.dtype)
+    o_ref[:, i, :] = out[i] - out[4][:, None]
 
 
-# ----------------------------------------------------------------------------- pallas_call wrappers
+# ----------------------------------------------------------------------------- configs
 
 
 def _pow2_divisor(n: int, target: int) -> int:
@@ -179,6 +180,10 @@ def _pow2_divisor(n: int, target: int) -> int:
   return b
 
 
+def _pow2_ceil(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
 def _largest_divisor_at_most(n: int, cap: int) -> int:
   for d in range(min(n, cap), 0, -1):
     if n % d == 0:
@@ -186,116 +191,167 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
   return 1
 
 
-def _gemv_call(x_MKp, s_M, words_K4N4, *, block_t, block_w, block_k, split_k, num_warps,
-               num_stages, out_dtype, interpret):
+def _auto_split(k4: int, bk4: int, other_programs: int) -> int:
+  """Smallest power-of-two split with >= TARGET_PROGRAMS programs (bk4 divides K4/split)."""
+  split = 1
+  while (other_programs * split < TARGET_PROGRAMS and k4 % (2 * split) == 0
+         and (k4 // (2 * split)) % bk4 == 0):
+    split *= 2
+  return split
+
+
+def gemv_config(m: int, k4: int, n4: int, block_t: int | None = None, block_w: int | None = None,
+                block_k: int | None = None, split_k: int | None = None) -> dict:
+  """Resolved gemv tiling for M tokens and words [k4, n4]; None fields get the automatic value.
+
+  Automatic: tm = block_t = min(8, pow2 >= M) tokens per program; bw = 64 words (256 contiguous
+  bytes per row, 16-byte vector loads); bk4 = 64 // tm rows (the per-token accumulators live in
+  registers: 2 * tm tiles of bk4 x bw int32), at least 8; split_k = `_auto_split`.
+  """
+  tm = block_t or min(8, _pow2_ceil(m))
+  tm = _pow2_divisor(tm, tm)
+  bw = _pow2_divisor(n4, block_w or 64)
+  bk = block_k or max(8, 64 // tm)
+  if split_k is None:
+    split_k = _auto_split(k4, _pow2_divisor(k4, bk), (n4 // bw) * (-(-m // tm)))
+  if split_k < 1 or k4 % split_k:
+    raise ValueError(f"split_k={split_k} must be >= 1 and divide the packed rows K4={k4}")
+  bk4 = _pow2_divisor(k4 // split_k, bk)
+  return dict(block_t=tm, block_w=bw, block_k=bk4, split_k=split_k)
+
+
+def dot_config(m: int, k4: int, n4: int, block_m: int | None = None, block_w: int | None = None,
+               block_k: int | None = None, split_k: int | None = None) -> dict:
+  """Resolved dot tiling; None fields get the automatic value.
+
+  Automatic: bm = pow2 >= M in [16, 64]; bw = 32 words; bk4 = 64 rows (int8 tensor-core tiles
+  need bm >= 16, bw >= 16 and bk4 >= 32); split_k = `_auto_split`.
+  """
+  bm = block_m or min(64, max(16, _pow2_ceil(m)))
+  bm = max(16, _pow2_divisor(bm, bm))
+  bw = _pow2_divisor(n4, block_w or 32)
+  bk = block_k or 64
+  if split_k is None:
+    split_k = _auto_split(k4, _pow2_divisor(k4, bk), (n4 // bw) * (-(-m // bm)))
+  if split_k < 1 or k4 % split_k:
+    raise ValueError(f"split_k={split_k} must be >= 1 and divide the packed rows K4={k4}")
+  bk4 = _pow2_divisor(k4 // split_k, bk)
+  if bw < 16 or bk4 < 32:
+    raise ValueError(f"dot kernel needs N/4 divisible by 16 and K/(4*split_k) by 32 (int8 "
+                     f"tensor-core tiles); got packed words [{k4}, {n4}], split_k={split_k} "
+                     "(export with align >= 32)")
+  return dict(block_m=bm, block_w=bw, block_k=bk4, split_k=split_k)
+
+
+# ----------------------------------------------------------------------------- pallas_call wrappers
+
+
+def _pad_rows(x_MKp, s_M, mp):
+  m = x_MKp.shape[0]
+  if mp == m:
+    return x_MKp, s_M
+  return jnp.pad(x_MKp, ((0, mp - m), (0, 0))), jnp.pad(s_M, (0, mp - m))
+
+
+def _epilogue(part_SM4N, s_M, m, out_dtype):
+  """Adds the K splits' exact int32 partial sums, scales, casts: [split, mp, 4, n4] -> [m, 4*n4]."""
+  _, mp, _, n4 = part_SM4N.shape
+  acc = jnp.sum(part_SM4N, axis=0)
+  y = (acc.astype(jnp.float32) * s_M[:, None, None]).astype(out_dtype)
+  return y.reshape(mp, 4 * n4)[:m]
+
+
+def _gemv_call(x_MKp, s_M, words_K4N4, *, cfg, num_warps, num_stages, out_dtype, interpret):
   m, kp = x_MKp.shape
   k4, n4 = words_K4N4.shape
-  if k4 % split_k:
-    raise ValueError(f"split_k={split_k} must divide the packed rows K4={k4}")
-  tm = min(_pow2_divisor(block_t, block_t), 1 << max(0, (m - 1).bit_length()))
+  tm, bw, bk4, split_k = cfg["block_t"], cfg["block_w"], cfg["block_k"], cfg["split_k"]
   mp = -(-m // tm) * tm
-  if mp != m:
-    x_MKp = jnp.pad(x_MKp, ((0, mp - m), (0, 0)))
-    s_M = jnp.pad(s_M, (0, mp - m))
+  x_MKp, s_M = _pad_rows(x_MKp, s_M, mp)
   k4s = k4 // split_k
-  bw = _pow2_divisor(n4, block_w)
-  bk4 = _pow2_divisor(k4s, block_k)
   n_iter = k4s // bk4
   chunk = _largest_divisor_at_most(n_iter, _LANE_PRODUCTS // 4)
-  finalize = split_k == 1
   kernel = functools.partial(_gemv_kernel, k4=k4, k4s=k4s, bk4=bk4, n_chunks=n_iter // chunk,
-                             chunk=chunk, finalize=finalize)
-  o_dtype = out_dtype if finalize else jnp.int32
+                             chunk=chunk)
   cost = pl.CostEstimate(flops=2 * mp * 16 * k4 * n4, transcendentals=0,
-                         bytes_accessed=(mp // tm) * 4 * k4 * n4 + x_MKp.size
-                         + mp * 4 * n4 * 4 * split_k)
-  out = pl.pallas_call(
+                         bytes_accessed=(mp // tm) * 4 * k4 * n4 + (n4 // bw) * x_MKp.size
+                         + split_k * mp * 4 * n4 * 4)
+  part = pl.pallas_call(
       kernel,
       grid=(n4 // bw, split_k, mp // tm),
       in_specs=[
-          pl.BlockSpec((tm, kp), lambda j, s, t: (t, 0)),
-          pl.BlockSpec((k4s, bw), lambda j, s, t: (s, j)),
-          pl.BlockSpec((tm,), lambda j, s, t: (t,)),
+          pl.BlockSpec((tm, kp), lambda c, s, t: (t, 0)),
+          pl.BlockSpec((k4s, bw), lambda c, s, t: (s, c)),
       ],
-      out_specs=pl.BlockSpec((None, tm, 4, bw), lambda j, s, t: (s, t, 0, j)),
-      out_shape=jax.ShapeDtypeStruct((split_k, mp, 4, n4), o_dtype),
+      out_specs=pl.BlockSpec((None, tm, 4, bw), lambda c, s, t: (s, t, 0, c)),
+      out_shape=jax.ShapeDtypeStruct((split_k, mp, 4, n4), jnp.int32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       cost_estimate=cost,
       interpret=interpret,
       name="ternary_gemv",
-  )(x_MKp, words_K4N4, s_M)
-  if finalize:
-    return out[0].reshape(mp, 4 * n4)[:m]
-  return (jnp.sum(out, axis=0).astype(jnp.float32) * s_M[:, None, None]).astype(
-      out_dtype).reshape(mp, 4 * n4)[:m]
+  )(x_MKp, words_K4N4)
+  return _epilogue(part, s_M, m, out_dtype)
 
 
-def _dot_call(x_MKp, s_M, words_K4N4, *, block_m, block_w, block_k, num_warps, num_stages,
-              out_dtype, interpret):
+def _dot_call(x_MKp, s_M, words_K4N4, *, cfg, num_warps, num_stages, out_dtype, interpret):
   m, kp = x_MKp.shape
   k4, n4 = words_K4N4.shape
-  bm = max(16, min(block_m, 1 << max(0, (m - 1).bit_length())))
+  bm, bw, bk4, split_k = cfg["block_m"], cfg["block_w"], cfg["block_k"], cfg["split_k"]
   mp = -(-m // bm) * bm
-  if mp != m:
-    x_MKp = jnp.pad(x_MKp, ((0, mp - m), (0, 0)))
-    s_M = jnp.pad(s_M, (0, mp - m))
-  bw = _pow2_divisor(n4, block_w)
-  bk4 = _pow2_divisor(k4, block_k)
-  if bw < 16 or bk4 < 32:
-    raise ValueError(f"dot kernel needs N/4 divisible by 16 and K/4 by 32 (int8 tensor-core "
-                     f"tiles); got packed words [{k4}, {n4}] (export with align >= 32)")
-  kernel = functools.partial(_dot_kernel, k4=k4, bk4=bk4, n_iter=k4 // bk4)
+  x_MKp, s_M = _pad_rows(x_MKp, s_M, mp)
+  k4s = k4 // split_k
+  kernel = functools.partial(_dot_kernel, k4=k4, k4s=k4s, bk4=bk4, n_iter=k4s // bk4)
   cost = pl.CostEstimate(flops=2 * mp * 16 * k4 * n4, transcendentals=0,
                          bytes_accessed=(mp // bm) * 4 * k4 * n4 + (n4 // bw) * mp * kp
-                         + mp * 4 * n4 * jnp.dtype(out_dtype).itemsize)
-  out = pl.pallas_call(
+                         + split_k * mp * 4 * n4 * 4)
+  part = pl.pallas_call(
       kernel,
-      grid=(n4 // bw, mp // bm),
+      grid=(n4 // bw, split_k, mp // bm),
       in_specs=[
-          pl.BlockSpec((bm, kp), lambda j, i: (i, 0)),
-          pl.BlockSpec((k4, bw), lambda j, i: (0, j)),
-          pl.BlockSpec((bm,), lambda j, i: (i,)),
+          pl.BlockSpec((bm, kp), lambda c, s, t: (t, 0)),
+          pl.BlockSpec((k4s, bw), lambda c, s, t: (s, c)),
       ],
-      out_specs=pl.BlockSpec((bm, 4, bw), lambda j, i: (i, 0, j)),
-      out_shape=jax.ShapeDtypeStruct((mp, 4, n4), out_dtype),
+      out_specs=pl.BlockSpec((None, bm, 4, bw), lambda c, s, t: (s, t, 0, c)),
+      out_shape=jax.ShapeDtypeStruct((split_k, mp, 4, n4), jnp.int32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       cost_estimate=cost,
       interpret=interpret,
       name="ternary_dot",
-  )(x_MKp, words_K4N4, s_M)
-  return out.reshape(mp, 4 * n4)[:m]
+  )(x_MKp, words_K4N4)
+  return _epilogue(part, s_M, m, out_dtype)
 
 
 # ----------------------------------------------------------------------------- public wrapper
 
 
-def _words(packed_K4Np: jax.Array) -> jax.Array:
-  """uint8 [K4, Np] -> int32 words [K4, Np/4] (byte i of a word = column plane i)."""
-  k4, np_ = packed_K4Np.shape
-  return lax.bitcast_convert_type(packed_K4Np.reshape(k4, np_ // 4, 4), jnp.int32)
+def auto_impl(m: int) -> str:
+  """The impl "auto" uses for M tokens."""
+  return "gemv" if m <= GEMV_MAX_M else ("dot" if m <= DOT_MAX_M else "xla_bf16")
 
 
 def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
                    impl: str = "auto", out_dtype=jnp.float32, interpret: bool | None = None,
-                   block_m: int = 64, block_t: int = 1, block_w: int = 8,
-                   block_k: int = 256, split_k: int = 1,
-                   num_warps: int = 4, num_stages: int = 3, dot_block_w: int = 32,
+                   block_m: int | None = None, block_t: int | None = None,
+                   block_w: int | None = None, block_k: int | None = None,
+                   split_k: int | None = None, num_warps: int = 4, num_stages: int | None = None,
                    xla_layout: str = "nk") -> jax.Array:
   """y[M, N] = (x_MK @ codes) * p.scale * scale_x_M[:, None] from packed ternary weights.
 
   Args:
     x_MK: int8 activations [M, K] (K = p.shape[0]).
     scale_x_M: float32 per-token scales [M] (x = x_MK * scale_x).
-    p: `PackedTernary` from `effjax.quant.ternary.export_ternary`.
-    impl: one of IMPLS; "auto" picks gemv for M <= GEMV_MAX_M (block_t = min(8, M) rounded up
-      to a power of two when block_t is left at 1), dot for M <= DOT_MAX_M, else xla_bf16
-      (unpack to bf16 + XLA bf16 matmul: XLA's int8 GEMM was slower than bf16 on the H200 at
-      M = 64 and not reliably faster at M = 4096, see results/ternary.md).
+    p: `PackedTernary` from `effjax.quant.ternary.export_ternary`; pass it through
+      `effjax.quant.ternary.as_words` once (a uint8 `packed` is converted on every call).
+    impl: one of IMPLS; "auto" = `auto_impl(M)`: gemv for M <= GEMV_MAX_M, dot for
+      M <= DOT_MAX_M, else xla_bf16 (unpack to bf16 + XLA bf16 matmul).
     interpret: run Pallas kernels in the interpreter; default True off-GPU, False on GPU.
+    block_t (gemv tokens per program), block_m (dot rows per program), block_w (words per column
+      tile), block_k (packed rows per step), split_k (K splits, must divide K/4): None = the
+      automatic choice of `gemv_config` / `dot_config`; block sizes are rounded down to powers of
+      two dividing the packed dims.
+    num_warps, num_stages: Triton launch parameters; num_stages None = 1 for gemv (a program
+      makes few K steps: its loads in flight come from many programs, not from pipelining) and 3
+      for dot (Triton pipelines the weight loads of its K loop).
     xla_layout: "nk" (unpack to [N, K], K contiguous) or "kn" for the xla_* paths.
-    block_t: tokens per gemv program (they share the unpacked weight tile; power of two).
-    block_*, split_k, num_warps, num_stages, dot_block_w: kernel tuning knobs (block sizes are
-      rounded down to powers of two dividing the packed dims).
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -312,9 +368,7 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
     interpret = jax.default_backend() != "gpu"
   n = p.shape[1]
   if impl == "auto":
-    impl = "gemv" if m <= GEMV_MAX_M else ("dot" if m <= DOT_MAX_M else "xla_bf16")
-    if impl == "gemv" and block_t == 1:
-      block_t = min(8, 1 << max(0, (m - 1).bit_length()))
+    impl = auto_impl(m)
   if impl == "reference":
     return ternary_matmul_reference(x_MK, scale_x_M, p, out_dtype)
   if impl in ("xla_int8", "xla_bf16"):
@@ -332,20 +386,21 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
       acc = lax.dot(x_MK.astype(dt), codes, preferred_element_type=acc_t)
     return (acc.astype(jnp.float32) * (p.scale * scale_x_M.astype(jnp.float32))[:, None]
             ).astype(out_dtype)
-  k4, np_ = p.packed.shape
+  words = p.packed if p.packed.dtype == jnp.int32 else words_2bit(p.packed)
+  k4, n4 = words.shape
   x_MKp = x_MK if 4 * k4 == k else jnp.pad(x_MK, ((0, 0), (0, 4 * k4 - k)))
   s_M = p.scale * scale_x_M.astype(jnp.float32)
-  words = _words(p.packed)
   if impl == "gemv":
-    y = _gemv_call(x_MKp, s_M, words, block_t=block_t, block_w=block_w, block_k=block_k,
-                   split_k=split_k,
-                   num_warps=num_warps, num_stages=num_stages, out_dtype=out_dtype,
-                   interpret=interpret)
+    cfg = gemv_config(m, k4, n4, block_t, block_w, block_k, split_k)
+    call = _gemv_call
+    num_stages = 1 if num_stages is None else num_stages
   else:
-    y = _dot_call(x_MKp, s_M, words, block_m=block_m, block_w=dot_block_w, block_k=block_k,
-                  num_warps=num_warps, num_stages=num_stages, out_dtype=out_dtype,
-                  interpret=interpret)
-  return y if np_ == n else y[:, :n]
+    cfg = dot_config(m, k4, n4, block_m, block_w, block_k, split_k)
+    call = _dot_call
+    num_stages = 3 if num_stages is None else num_stages
+  y = call(x_MKp, s_M, words, cfg=cfg, num_warps=num_warps, num_stages=num_stages,
+           out_dtype=out_dtype, interpret=interpret)
+  return y if 4 * n4 == n else y[:, :n]
 
 
 def ternary_linear(x: jax.Array, p: PackedTernary, **kwargs) -> jax.Array:

@@ -16,6 +16,11 @@ rounding: both compute sum_k x~_k W~_k * s_x * gamma, the packed path with exact
 The einsum's kernel must list its contracted axes first and x must end with them in the same order
 (true of every projection in `effjax.layers.attention` / `mlp`): the kernel is flattened to
 [K = prod(contracted), N = prod(rest)] and x to [M, K].
+
+The `packed` param is the uint8 form [Kp/4, Np] (the default export) or the same bytes as int32
+words [Kp/4, Np/4] (`export_packed_ternary(..., words=True)`); the layer reads whichever it is
+given. The GPU kernels read words, and XLA converts a uint8 param with an extra pass over the weight
+on every call, so decode should run from a words export.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effjax.quant.ternary import PackedTernary, export_ternary, padded_dims
+from effjax.quant.ternary import PackedTernary, export_ternary, padded_dims, words_2bit
 from pallas_kernels.ternary_matmul import ternary_linear
 
 __all__ = ["PackedTernaryEinsum", "export_packed_ternary", "PROJECTION_K_AXES", "split_eqn"]
@@ -81,7 +86,12 @@ class PackedTernaryEinsum(nn.Module):
     k = math.prod(self.shape[:nc])
     n = math.prod(self.shape[nc:])
     kp, np_ = padded_dims(k, n)  # the 2-bit layout's default padding (export_ternary's)
-    packed = self.param("packed", nn.initializers.zeros_init(), (kp // 4, np_), jnp.uint8)
+    # uint8 [Kp/4, Np] by default; int32 words [Kp/4, Np/4] when the given params hold words
+    given = self.get_variable("params", "packed") if self.has_variable("params", "packed") else None
+    if given is not None and given.dtype == jnp.int32:
+      packed = self.param("packed", nn.initializers.zeros_init(), (kp // 4, np_ // 4), jnp.int32)
+    else:
+      packed = self.param("packed", nn.initializers.zeros_init(), (kp // 4, np_), jnp.uint8)
     scale = self.param("scale", nn.initializers.ones_init(), (), jnp.float32)
     if tuple(x.shape[x.ndim - nc:]) != tuple(self.shape[:nc]):
       raise ValueError(f"PackedTernaryEinsum: x shape {tuple(x.shape)} does not end with the "
@@ -94,7 +104,7 @@ class PackedTernaryEinsum(nn.Module):
     return y_MN.reshape(*lead_shape, *self.shape[nc:])
 
 
-def _export_tree(tree, path):
+def _export_tree(tree, path, words):
   out = {}
   for name, sub in tree.items():
     here = path + (name,)
@@ -104,20 +114,22 @@ def _export_tree(tree, path):
         raise ValueError(f"export_packed_ternary: {'/'.join(here)} has {extra}; BitLinear "
                          "projections carry only a kernel")
       p = export_ternary(jnp.asarray(sub["kernel"]), k_axes=PROJECTION_K_AXES[name])
-      out[name] = {"packed": p.packed, "scale": p.scale}
+      out[name] = {"packed": words_2bit(p.packed) if words else p.packed, "scale": p.scale}
     elif isinstance(sub, dict):
-      out[name] = _export_tree(sub, here)
+      out[name] = _export_tree(sub, here, words)
     else:
       out[name] = sub
   return out
 
 
-def export_packed_ternary(params, cfg):
+def export_packed_ternary(params, cfg, words: bool = False):
   """Packs every projection kernel of a `linear="bitlinear"` model; returns (params, cfg).
 
   Args:
     params: raw params (`{"params": {...}}` or the inner dict) of a trained bitlinear model.
     cfg: its `ModelConfig` (`linear="bitlinear"`).
+    words: store each `packed` as int32 words [Kp/4, Np/4] (what the GPU kernels read, no
+      per-call conversion) instead of uint8 [Kp/4, Np]; same bytes either way.
 
   Returns:
     `(packed_params, packed_cfg)`: the same tree with each `<proj>/kernel` replaced by
@@ -133,12 +145,16 @@ def export_packed_ternary(params, cfg):
   from effjax.models.transformer import Transformer  # the model imports this module's layer
   wrapped = "params" in params and isinstance(params["params"], dict)
   inner = params["params"] if wrapped else params
-  packed = _export_tree(dict(inner), ())
+  packed = _export_tree(dict(inner), (), bool(words))
   new_cfg = dataclasses.replace(cfg, linear="ternary_packed")
   shapes = jax.eval_shape(Transformer(new_cfg).init, jax.random.PRNGKey(0),
                           jnp.zeros((1, 1), jnp.int32))["params"]
   shapes = nn.unbox(shapes)
-  want = jax.tree_util.tree_map(lambda s: (tuple(s.shape), jnp.dtype(s.dtype)), shapes)
+  def spec(s):
+    if words and jnp.dtype(s.dtype) == jnp.uint8:  # the packed leaves, as words
+      return (s.shape[0], s.shape[1] // 4), jnp.dtype(jnp.int32)
+    return tuple(s.shape), jnp.dtype(s.dtype)
+  want = jax.tree_util.tree_map(spec, shapes)
   got = jax.tree_util.tree_map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), packed)
   if want != got:
     raise ValueError("export_packed_ternary: packed tree does not match the packed model's "

@@ -24,6 +24,11 @@ x[:, j*K4 + r]) and a contiguous slice of the output (plane i: y[:, i*N4 + c]) -
 in the kernel. Padding holds the code of weight 0. The code offset (+1) makes codes non-negative:
 sum_k x_k w_k = sum_k x_k code_k - sum_k x_k.
 
+Word storage: the same bytes may be held as int32 words [K4, N4] (`words_2bit`, `as_words`). The
+Pallas kernels read words; giving them the uint8 form makes XLA convert it on every call (XLA
+expands a width-changing bitcast into a shift/or pass over the whole weight, i.e. an extra read and
+write of the packed bytes), so inference should convert once at load time (`as_words`).
+
 Base-3 layout: the codes w + 1 of the row-major flattened tensor, padded with weight 0 to a
 multiple of 5, byte b = sum_{t<5} code_{5b+t} * 3^t (values 0..242).
 """
@@ -34,14 +39,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from effjax.layers.bitlinear import WEIGHT_EPS, ternary_weight_codes
 
 __all__ = [
-    "PackedTernary", "padded_dims", "pack_2bit", "unpack_2bit", "pack_base3", "unpack_base3",
-    "export_ternary", "dequantize",
+    "PackedTernary", "padded_dims", "pack_2bit", "unpack_2bit", "words_2bit", "pack_base3",
+    "unpack_base3", "export_ternary", "dequantize", "as_words",
 ]
 
 
@@ -78,13 +82,38 @@ def pack_2bit(codes_KN: jax.Array, align: int = 32) -> jax.Array:
   return byte.reshape(k4, np_).astype(jnp.uint8)
 
 
+def words_2bit(packed_K4Np: jax.Array) -> jax.Array:
+  """uint8 [K4, Np] planar bytes -> the same bytes as little-endian int32 words [K4, Np/4].
+
+  An explicit shift/or (not a bitcast), so the result does not depend on the host byte order.
+  """
+  if packed_K4Np.ndim != 2 or packed_K4Np.dtype != jnp.uint8 or packed_K4Np.shape[1] % 4:
+    raise ValueError(f"words_2bit: packed must be a 2-D uint8 array with a multiple of 4 columns, "
+                     f"got {packed_K4Np.dtype} {tuple(packed_K4Np.shape)}")
+  k4, np_ = packed_K4Np.shape
+  b = packed_K4Np.reshape(k4, np_ // 4, 4).astype(jnp.uint32)
+  w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+  return jax.lax.bitcast_convert_type(w, jnp.int32)
+
+
 def unpack_2bit(packed: jax.Array, shape: tuple[int, int]) -> jax.Array:
-  """Inverse of `pack_2bit`: returns int8 codes of the original `shape` = (K, N)."""
-  if packed.ndim != 2 or packed.dtype != jnp.uint8:
-    raise ValueError(f"unpack_2bit: packed must be a 2-D uint8 array, got {packed.dtype} "
-                     f"{tuple(packed.shape)}")
-  k4, np_ = packed.shape
+  """Inverse of `pack_2bit`: returns int8 codes of the original `shape` = (K, N).
+
+  `packed` is the uint8 form [K4, Np] or the int32 word form [K4, Np/4] (`words_2bit`).
+  """
+  if packed.ndim != 2 or packed.dtype not in (jnp.uint8, jnp.int32):
+    raise ValueError(f"unpack_2bit: packed must be a 2-D uint8 [K4, Np] or int32 [K4, Np/4] "
+                     f"array, got {packed.dtype} {tuple(packed.shape)}")
   k, n = shape
+  if packed.dtype == jnp.int32:
+    k4, n4 = packed.shape
+    if k > 4 * k4 or n > 4 * n4:
+      raise ValueError(f"unpack_2bit: words of shape {tuple(packed.shape)} cannot hold {shape}")
+    sh = (8 * jnp.arange(4, dtype=jnp.int32)[None, :] + 2 * jnp.arange(4, dtype=jnp.int32)[:, None])
+    planes = (packed[None, None] >> sh[:, :, None, None]) & 3           # [j, i, r, col]
+    c = planes.transpose(0, 2, 1, 3).reshape(4 * k4, 4 * n4)            # [j*K4 + r, i*N4 + col]
+    return (c[:k, :n] - 1).astype(jnp.int8)
+  k4, np_ = packed.shape
   if np_ % 4 or k > 4 * k4 or n > np_:
     raise ValueError(f"unpack_2bit: packed shape {tuple(packed.shape)} cannot hold shape {shape}")
   n4 = np_ // 4
@@ -128,7 +157,8 @@ class PackedTernary:
   """A ternary weight [K, N] in the planar 2-bit layout with its per-tensor scale.
 
   Attributes:
-    packed: uint8 [Kp/4, Np] (see module docstring).
+    packed: uint8 [Kp/4, Np] or the same bytes as int32 words [Kp/4, Np/4] (see module docstring;
+      `as_words` converts, and the kernels want words).
     scale: float32 scalar gamma; the weight is codes * scale.
     shape: static (K, N) before padding.
   """
@@ -139,7 +169,7 @@ class PackedTernary:
   @property
   def nbytes(self) -> int:
     """Bytes of the packed weights plus the scale."""
-    return int(self.packed.size) + 4
+    return int(self.packed.size) * self.packed.dtype.itemsize + 4
 
   def codes(self) -> jax.Array:
     """int8 codes [K, N] in {-1, 0, 1}."""
@@ -162,6 +192,17 @@ def export_ternary(w: jax.Array, k_axes: int = 1, align: int = 32, eps: float = 
   codes, gamma = ternary_weight_codes(jnp.asarray(w).reshape(k, n), eps)
   return PackedTernary(packed=pack_2bit(codes, align), scale=gamma.astype(jnp.float32),
                        shape=(int(k), int(n)))
+
+
+def as_words(p: PackedTernary) -> PackedTernary:
+  """`p` with its packed bytes held as int32 words [K4, N4] (no-op when they already are).
+
+  Do this once when loading weights for inference: the kernels read words, and a uint8 `packed`
+  costs an extra pass over the weight on every call.
+  """
+  if p.packed.dtype == jnp.int32:
+    return p
+  return p.replace(packed=words_2bit(p.packed))
 
 
 def dequantize(p: PackedTernary) -> jax.Array:

@@ -41,23 +41,40 @@ def _check(y, ref, seed, tol):
   assert err < tol, f"relative error {err} (seed {seed})"
 
 
-@pytest.mark.parametrize("impl,kw", [
-    ("gemv", {}),
-    ("gemv", {"split_k": 2, "block_k": 16, "block_w": 8}),
-    ("gemv", {"block_t": 2, "block_k": 32}),
-    ("dot", {}),
-    ("xla_int8", {}),
+@pytest.mark.parametrize("impl,kw,words", [
+    ("gemv", {}, True),                                                   # automatic tiling
+    ("gemv", {"split_k": 2, "block_k": 8, "block_w": 8, "block_t": 2}, False),  # uint8 input
+    ("dot", {}, True),
+    ("dot", {"split_k": 2, "block_k": 32, "block_m": 16}, True),
+    ("xla_int8", {}, False),
 ])
-def test_kernel_matches_reference_odd_sizes(impl, kw):
+def test_kernel_matches_reference_odd_sizes(impl, kw, words):
   rng, seed = _rng()
   m = int(rng.integers(1, 6)) if impl == "gemv" else int(rng.integers(5, 21))
   if impl == "gemv" and kw.get("block_t", 1) > 1:
     m = int(rng.integers(3, 8))  # several token blocks, the last one padded
-  k = int(rng.integers(65, 300))
+  # with split_k = 2: K/4 = 128 padded rows, 64 per split
+  k = int(rng.integers(65, 300)) if kw.get("split_k", 1) == 1 else int(rng.integers(385, 513))
   n = int(rng.integers(17, 200))
   x, s, p, ref = _case(rng, m, k, n)
+  if words:
+    p = ternary.as_words(p)
   y = tm.ternary_matmul(x, s, p, impl=impl, **kw)
   _check(y, ref, seed, 1e-6)  # integer accumulation is exact; only the f32 scale multiply rounds
+
+
+def test_auto_configs_fill_the_gpu():
+  """Automatic split-K gives >= TARGET_PROGRAMS programs on the benchmark shapes at M = 1, 8."""
+  for k, n in ((8192, 8192), (4096, 14336)):
+    k4, n4 = k // 4, n // 4
+    for m in (1, 8):
+      g = tm.gemv_config(m, k4, n4)
+      assert k4 % g["split_k"] == 0 and (k4 // g["split_k"]) % g["block_k"] == 0
+      assert (n4 // g["block_w"]) * g["split_k"] * (-(-m // g["block_t"])) >= tm.TARGET_PROGRAMS
+      d = tm.dot_config(m, k4, n4)
+      assert (n4 // d["block_w"]) * d["split_k"] >= tm.TARGET_PROGRAMS
+  with pytest.raises(ValueError, match="split_k"):
+    tm.gemv_config(1, 96, 64, split_k=5)
 
 
 def test_gemv_lane_flush_worst_case():
@@ -93,10 +110,29 @@ def test_rejects_bad_inputs():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("m", [1, 8, 13, 64, 300])
+@pytest.mark.parametrize("m", [1, 3, 8, 13, 64, 300])
 def test_gpu_large_shapes_auto(m):
   rng, seed = _rng()
   k, n = 4096, 4096 + 64 * int(rng.integers(0, 3))
   x, s, p, ref = _case(rng, m, k, n)
+  p = ternary.as_words(p) if rng.integers(0, 2) else p
   y = jax.jit(lambda x, s, p: tm.ternary_matmul(x, s, p))(x, s, p)
+  _check(y, ref, seed, 1e-6)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("impl,m,kw", [
+    ("gemv", 1, dict(block_w=128, block_k=32)), ("gemv", 1, dict(block_w=256, block_k=16,
+                                                                 num_warps=8)),
+    ("gemv", 1, dict(block_w=32, block_k=128, num_stages=2)), ("gemv", 8, dict(block_t=4)),
+    ("dot", 8, dict(block_w=64, block_k=128, num_warps=8)),
+    ("dot", 200, dict(block_m=128, block_w=32, block_k=32, split_k=1, num_warps=8)),
+])
+def test_gpu_sweep_configs(impl, m, kw):
+  """A sample of the benchmark sweep's configs, on a shape with odd N, against the reference."""
+  rng, seed = _rng()
+  k, n = 2048 + 128 * int(rng.integers(0, 4)), 3000 + int(rng.integers(0, 100))
+  x, s, p, ref = _case(rng, m, k, n)
+  y = jax.jit(lambda x, s, p: tm.ternary_matmul(x, s, p, impl=impl, **kw))(
+      x, s, ternary.as_words(p))
   _check(y, ref, seed, 1e-6)

@@ -60,3 +60,19 @@ def test_export_dequantize_matches_quantizer():
   assert p.nbytes == p.packed.size + 4
   with pytest.raises(ValueError, match="k_axes"):
     ternary.export_ternary(w, k_axes=3)
+
+
+def test_words_form_round_trip_and_layout():
+  """int32 words hold the same bytes (little-endian) and unpack to the same codes."""
+  rng = _rng()
+  k, n = int(rng.integers(1, 300)), int(rng.integers(1, 300))
+  codes = rng.integers(-1, 2, (k, n)).astype(np.int8)
+  p = ternary.export_ternary(jnp.asarray(codes, jnp.float32))
+  w = ternary.as_words(p)
+  assert w.packed.dtype == jnp.int32 and w.packed.shape == (p.packed.shape[0],
+                                                            p.packed.shape[1] // 4)
+  assert np.array_equal(np.asarray(w.packed), np.asarray(p.packed).view("<i4"))
+  assert np.array_equal(np.asarray(ternary.unpack_2bit(w.packed, (k, n))), codes)
+  assert w.nbytes == p.nbytes and ternary.as_words(w) is w
+  with pytest.raises(ValueError, match="multiple of 4"):
+    ternary.words_2bit(p.packed[:, :-1])
