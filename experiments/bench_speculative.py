@@ -5,10 +5,10 @@ sampling); "DFlash: Block Diffusion for Flash Speculative Decoding", arXiv 2602.
 
 For every batch size (default 1 and 8) and sampler (greedy, temperature 1) the three decoders run
 the same prompts (windows of the validation split) with a fixed number of new tokens and no EOS,
-each as one jitted program (`effjax.decode.generate`, `effjax.decode.speculative_generate`,
-`effjax.decode.dflash`). Reported: tokens/s (generated tokens of all rows / median wall time of
+each as the same jitted program: `effjax.decode.generate.generate` with `drafter=None`,
+`DraftModel(draft_lm, γ)` or `DFlash(drafter, dcfg)`. Reported: tokens/s (generated tokens of all rows / median wall time of
 `--reps` runs after one compile-and-warm-up run, a fresh prompt set and key per run, timed around
-`block_until_ready`), τ (mean accepted + 1 per target call, the decoders' own statistic), the
+`block_until_ready`; the compile is excluded), τ (mean accepted + 1 per target call, the decoders' own statistic), the
 speed-up over plain decoding in the same run, and for greedy runs whether the speculative outputs
 equal the plain greedy output token for token.
 
@@ -37,10 +37,10 @@ import numpy as np
 from ml_collections import config_flags
 
 from effjax.data import BOS_ID, LMBatcher, load_corpus
-from effjax.decode.dflash import dflash_generate
+from effjax.decode.dflash import DFlash
 from effjax.decode.generate import generate
 from effjax.decode.sampling import Sampler
-from effjax.decode.speculative_generate import speculative_generate
+from effjax.decode.speculative_generate import DraftModel
 from experiments.speculative_common import train_or_load_lm
 from experiments.train_dflash import load_drafter
 
@@ -110,17 +110,13 @@ def main(argv):
   for b in [int(x) for x in _BATCHES.value]:
     for temp in [float(x) for x in _TEMPS.value]:
       sampler = Sampler(temperature=temp)
-      runs = {
-          "plain": lambda p, k: generate(target, t_vars, p, max_new_tokens=N, sampler=sampler,
-                                         key=k),
-          "draft-model": lambda p, k: speculative_generate(
-              target, t_vars, draft, d_vars, p, max_new_tokens=N, gamma=G, sampler=sampler,
-              key=k),
-          "dflash": lambda p, k: dflash_generate(target, t_vars, drafter, f_vars, dcfg, p,
-                                                 max_new_tokens=N, sampler=sampler, key=k),
-      }
+      drafters = {"plain": (None, None), "draft-model": (DraftModel(draft, G), d_vars),
+                  "dflash": (DFlash(drafter, dcfg), f_vars)}
       res = {}
-      for name, run in runs.items():
+      for name, (dr, dr_vars) in drafters.items():
+        def run(p, k, dr=dr, dr_vars=dr_vars):
+          return generate(target, t_vars, p, max_new_tokens=N, sampler=sampler, key=k,
+                          drafter=dr, drafter_params=dr_vars)
         sec, outs, tau = time_decoder(run, val, b, P, _REPS.value)
         toks = int(np.sum(np.asarray(outs[0].lengths)))
         res[name] = dict(sec=sec, tok_s=toks / sec, tau=tau, outs=outs)
@@ -137,7 +133,13 @@ def main(argv):
                    median_s=round(r["sec"], 4), greedy_match=match)
         rows.append(row)
         print(row, flush=True)
-  lines = [f"# Speculative decoding benchmark\n", f"{header}\n",
+      text = _write(header, rows)
+  print(text, flush=True)
+
+
+def _write(header, rows):
+  """Writes the markdown table and json (after every cell, so a cut-off run keeps its rows)."""
+  lines = ["# Speculative decoding benchmark\n", f"{header}\n",
            f"Command: `python -m experiments.bench_speculative {' '.join(sys.argv[1:])}`\n",
            "| batch | temp | decoder | tokens/s | τ | speed-up | median s | greedy == plain |",
            "|---|---|---|---|---|---|---|---|"]
@@ -146,12 +148,12 @@ def main(argv):
     lines.append(f"| {r['batch']} | {r['temperature']:g} | {r['decoder']} | {r['tok_s']:.1f} | "
                  f"{tau} | {r['speedup']:.2f}× | {r['median_s']:.4f} | {r['greedy_match']} |")
   text = "\n".join(lines) + "\n"
-  print(text)
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value + "_bench.md", "w") as f:
     f.write(text)
   with open(_OUT.value + "_bench.json", "w") as f:
     json.dump({"header": header, "rows": rows}, f, indent=1)
+  return text
 
 
 if __name__ == "__main__":

@@ -33,6 +33,10 @@ The public training recipe is not released; every choice made here, and why:
     target, which this approximates without a generation pass. "data" uses the corpus tokens.
   * Loss: Σ_k w_k·CE_k / Σ_k w_k over valid block positions (anchor position k = 0 has no loss),
     w_k = exp(−(k−1)/γ): early positions matter most since acceptance stops at the first miss.
+  * Wall-clock budget: `train.max_seconds > 0` stops training after that many seconds (from the
+    first step, compile included) or `train.steps`, whichever comes first, evaluates and writes
+    the drafter; the LR then decays over the fraction of the budget used
+    (`experiments.speculative_common.wall_clock_optimizer`).
   * Optimizer: AdamW (`effjax.optim.make_optimizer`), peak LR 7e-4 (tiny) / 6e-4 (small),
     warmup 30 / 200 steps, cosine to 10%, weight decay 0.01, clip 1.0; 800 steps at tiny scale
     (~8 CPU minutes). Measured on the tiny target (150-step runs, 4 validation batches): LR 2e-3
@@ -71,7 +75,9 @@ from effjax.models.dflash import (DFlashConfig, DFlashDrafter, block_inputs, blo
                                   gather_hidden, init_drafter_params, sample_anchors,
                                   training_mask)
 from effjax.optim import make_optimizer
-from experiments.speculative_common import load_params, save_params, train_or_load_lm
+from experiments.speculative_common import (WallClock, load_params, save_params, set_lr_scale,
+                                            train_or_load_lm, wall_clock_optimizer,
+                                            wall_clock_scale)
 
 DRAFTER_FILE = "drafter.msgpack"
 DFLASH_JSON = "dflash.json"
@@ -144,7 +150,9 @@ def train_drafter(config, *, stream=None):
                                    seed=tr.seed)
   eval_batches = list(val_data.eval_batches(min(tr.eval_batches, val_data.num_eval_batches())))
 
-  optimizer = make_optimizer(tr, d_params)
+  max_seconds = float(tr.get("max_seconds", 0.0))
+  optimizer = (wall_clock_optimizer(tr, d_params) if max_seconds > 0
+               else make_optimizer(tr, d_params))
   opt_state = optimizer.init(d_params)
   loss_fn = make_loss_fn(target, drafter, dcfg, int(tr.num_anchors), config.dflash.labels)
 
@@ -169,19 +177,26 @@ def train_drafter(config, *, stream=None):
   log = open(metrics_path, "w")
   key = jax.random.PRNGKey(tr.seed)
   t0 = time.time()
+  clock = WallClock(max_seconds) if max_seconds > 0 else None
+  if clock:
+    clock.start()  # the budget covers the step-0 evaluation and the compiles too
   loss0, acc0, tau0 = evaluate(d_params)
   print(f"step 0 | val loss {loss0:.4f} | val accept_len {tau0:.3f} | acc_k "
         f"{np.round(acc0, 3).tolist()}", file=stream, flush=True)
   val = (loss0, acc0, tau0)
+  step = 0
   for step in range(1, tr.steps + 1):
     batch = {k: jnp.asarray(v) for k, v in train_data.batch(step - 1).items()}
     d_params, opt_state, loss, m = train_step(d_params, opt_state, batch,
                                               jax.random.fold_in(key, step))
+    last = step == tr.steps or (clock is not None and clock.check(step, loss))
+    if clock and not last:
+      set_lr_scale(opt_state, wall_clock_scale(clock.frac(), float(tr.min_lr_ratio)))
     rec = {"step": step}
-    if step % tr.log_every == 0 or step == tr.steps:
+    if step % tr.log_every == 0 or last:
       rec.update(loss=float(loss), accept_len=float(m["accept_len"]),
                  sec=round(time.time() - t0, 1))
-    if step % tr.eval_every == 0 or step == tr.steps:
+    if step % tr.eval_every == 0 or last:
       val = evaluate(d_params)
       rec.update(val_loss=val[0], val_accept_len=val[2], val_acc_k=np.round(val[1], 4).tolist())
     if len(rec) > 1:
@@ -189,11 +204,16 @@ def train_drafter(config, *, stream=None):
                        for k, v in rec.items()), file=stream, flush=True)
       log.write(json.dumps(rec) + "\n")
       log.flush()
+    if last:
+      break
   log.close()
+  if clock:
+    print(f"stopped by {'time' if step < tr.steps else 'steps'} after {step} steps, "
+          f"{clock.elapsed():.1f} s (budget {max_seconds:.0f} s)", file=stream, flush=True)
   save_params(d_params, os.path.join(run_dir, DRAFTER_FILE))
   with open(os.path.join(run_dir, DFLASH_JSON), "w") as f:
     json.dump(dict(dataclasses.asdict(dcfg), target_params=t_info["params_path"],
-                   labels=config.dflash.labels, steps=int(tr.steps),
+                   labels=config.dflash.labels, steps=int(step),
                    val_loss=val[0], val_accept_len=val[2], val_acc_k=val[1].tolist(),
                    train_seconds=round(time.time() - t0, 1)), f, indent=1)
   return {"drafter": drafter, "params": d_params, "dcfg": dcfg, "val_loss": val[0],

@@ -45,7 +45,6 @@ Choices:
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import flax.struct
