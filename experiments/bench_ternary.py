@@ -4,19 +4,26 @@ BitNet b1.58 (arXiv 2402.17764) inference from 2-bit packed weights. For K x N i
 {8192x8192, 4096x14336, 4096x4096} and M in {1, 8, 64, 4096}, timed in the same run:
   * XLA bf16: x_bf16[M, K] @ w_bf16[K, N] -> bf16 (XLA's / cuBLAS's choice of kernel).
   * ternary: `ternary_matmul` from int32 words (`as_words`), int8 x + per-token scale given, bf16
-    output, for the automatic config and (for the --sweep_shapes) a small sweep of kernel configs;
-    every config is first checked against the unpacked reference (relative error < 1e-2).
+    output, for the automatic config and a small sweep of configs (<= 10 per shape at M = 1 on
+    the --sweep_shapes: split-K with the XLA reduction vs the fused epilogue (in-kernel scale +
+    float32 atomics, or plain stores at split_k = 1), tile shapes, num_warps / num_stages; at
+    M = 4096 the unpack layouts of the xla_int8 path); every config is first checked against the
+    unpacked reference (relative error < 1e-2).
 
 Timing (experiments/devtime.py): device seconds of one loop iteration = slope of host wall time
 between jitted `fori_loop`s of n_lo and n_hi iterations (n_hi - n_lo chosen for >= --target_ms of
 device work; median of --trials runs each). One iteration chains S calls through S distinct
 weight sets whose total size (>= --set_mib, capped at --max_sets sets) exceeds the H200's 60 MB L2,
 each call's input depending on the previous call's output (x[0, 0] is bumped iff y[0, 0] is NaN),
-so weights stream from HBM and XLA can neither hoist nor merge calls. Time per call = iteration
-time / S ("gross": it includes kernel launch gaps, the split-K epilogue, and 1/S of the loop's own
-per-iteration cost). The loop's per-iteration cost is measured with an empty body and printed; the
-`net TB/s` column subtracts it. Bandwidth = packed weight bytes / time, compared with
-`devtime.copy_bandwidth` (y = x + 1 over 1 GiB float32, read + write bytes) of the same run.
+so weights stream from HBM and XLA can neither hoist nor merge calls. bf16 and ternary use the
+same S (the larger of the two needs), so both carry the same share of the loop's own cost.
+Time per call = iteration time / S ("gross": it includes kernel launch gaps, the split-K
+epilogue, the dependency kernel `_bump` (one tiny fusion per call) and 1/S of the loop's
+per-iteration cost). The same chain with a no-op in place of the matmul (only `_bump`, same x, same
+S) is timed for every row; "net" = gross - that chain cost, for bf16 and ternary alike (an
+estimate of the matmul's own device time; XLA may fuse the no-op chain's bumps more tightly than
+the real ones, which makes net an upper bound). Bandwidth = packed weight bytes / time, compared
+with `devtime.copy_bandwidth` (y = x + 1 over 1 GiB float32, read + write bytes) of the same run.
 
 Usage: python experiments/bench_ternary.py [--nosweep] [--out=results/ternary.md] [--tiny]
 """
@@ -49,6 +56,7 @@ flags.DEFINE_list("sweep_shapes", ["8192x8192", "4096x14336"], "KxN shapes that 
 flags.DEFINE_list("shapes", ["8192x8192", "4096x14336", "4096x4096"], "KxN list")
 flags.DEFINE_list("ms", ["1", "4096", "8", "64"], "M list (in this order: targets first)")
 flags.DEFINE_integer("trials", 5, "median over this many runs per loop count")
+flags.DEFINE_integer("chain_trials", 3, "median runs for the no-op chain (net column)")
 flags.DEFINE_float("target_ms", 12.0, "device work between the two loop counts")
 flags.DEFINE_integer("set_mib", 256, "weight bytes per loop iteration (small M), >> 60 MB L2")
 flags.DEFINE_integer("max_sets", 16, "most distinct weight sets per iteration")
@@ -71,8 +79,8 @@ def _bump(x, y):
   return x.at[0, 0].set(jnp.where(jnp.isnan(y[0, 0].astype(jnp.float32)), v + 1, v))
 
 
-def chain_seconds(op, carry0: tuple, ws, est_call_s: float, loop_overhead_s: float):
-  """(gross, net) device seconds per call of `y = op(carry, w)` chained through the sets `ws`.
+def chain_seconds(op, carry0: tuple, ws, est_call_s: float, trials: int | None = None):
+  """Device seconds per call of `y = op(carry, w)` chained through the sets `ws` (gross).
 
   The carry is a tuple whose first entry (the activations) gets the `_bump` from each output.
   """
@@ -88,9 +96,14 @@ def chain_seconds(op, carry0: tuple, ws, est_call_s: float, loop_overhead_s: flo
     n_lo, n_hi = 1, 3
   else:
     n_lo, n_hi = devtime.loop_counts(s * est_call_s, target_s=FLAGS.target_ms / 1e3, most=2000)
-  t_iter = devtime.loop_seconds(body, carry0, n_lo=n_lo, n_hi=n_hi, trials=FLAGS.trials,
-                                consts=tuple(ws))
-  return t_iter / s, (t_iter - loop_overhead_s) / s
+  t_iter = devtime.loop_seconds(body, carry0, n_lo=n_lo, n_hi=n_hi,
+                                trials=trials or FLAGS.trials, consts=tuple(ws))
+  return t_iter / s
+
+
+def noop_chain_seconds(carry0: tuple, ws) -> float:
+  """Per-call seconds of the chain with the matmul replaced by the activations themselves."""
+  return chain_seconds(lambda c, w: c[0], carry0, ws, 3e-6, trials=FLAGS.chain_trials)
 
 
 def _tbs(nbytes, t):
@@ -104,38 +117,32 @@ def n_sets(nbytes: int, m: int) -> int:
 
 
 def configs(m: int, k4: int, n4: int, sweep: bool):
-  """[(impl, kwargs)]: the automatic path first, then (if sweep) <= ~10 variants."""
+  """[(impl, kwargs)]: the automatic path first, then the fused-epilogue variant of it, then (if
+  sweep) the rest of <= 10 (M = 1) / 4 (M > DOT_MAX_M) variants; M = 8, 64 get only the two."""
   auto = tm.auto_impl(m)
   out = [(auto, {})]
-  if not sweep:
+  if auto in ("gemv", "dot"):
+    out.append((auto, dict(reduce="fused")))
+  if m > tm.DOT_MAX_M:  # the unpack layouts of the int8 path (every shape: the M = 4096 target)
+    out += [("xla_int8", dict(xla_layout="nk_direct")), ("xla_int8", dict(xla_layout="kn")),
+            ("xla_int8", dict(xla_barrier=False))]
+  if not sweep or m > tm.GEMV_MAX_M:
     return out
-  if m <= tm.GEMV_MAX_M or m == 1:
-    s0 = tm.gemv_config(m, k4, n4)["split_k"]
-    out += [("gemv", dict(split_k=max(1, s0 // 2))), ("gemv", dict(split_k=s0 * 2)),
-            ("gemv", dict(block_w=128, block_k=32)), ("gemv", dict(block_w=128, block_k=64,
-                                                                   num_warps=8)),
-            ("gemv", dict(block_w=32, block_k=128)), ("gemv", dict(block_w=256, block_k=16,
-                                                                   num_warps=8)),
-            ("gemv", dict(block_w=64, block_k=128, num_warps=8)),
-            ("gemv", dict(block_w=64, block_k=32, num_warps=2)), ("gemv", dict(num_stages=2))]
-  elif m <= 16:
-    out += [("gemv", {}), ("gemv", dict(block_w=32, block_k=16)),
-            ("gemv", dict(block_w=128, block_k=8, num_warps=8)), ("gemv", dict(block_t=4)),
-            ("gemv", dict(num_stages=3)), ("dot", dict(block_w=64)), ("dot", dict(block_k=128)),
-            ("dot", dict(num_warps=8)), ("dot", dict(block_w=64, block_k=128, num_warps=8))]
-  elif m <= tm.DOT_MAX_M:
-    out += [("dot", dict(block_w=64)), ("dot", dict(block_m=32)), ("dot", dict(block_k=32)),
-            ("dot", dict(num_warps=8)), ("xla_bf16", {}), ("xla_int8", {})]
-  else:
-    out += [("xla_int8", {}), ("dot", dict(block_m=128, block_w=32, block_k=32, split_k=1,
-                                           num_warps=8)),
-            ("dot", dict(block_m=64, block_w=64, block_k=64, split_k=1, num_warps=4))]
+  s0 = tm.gemv_config(m, k4, n4)["split_k"]
+  f = dict(reduce="fused")
+  out += [("gemv", dict(split_k=max(1, s0 // 2))),
+          ("gemv", dict(f, split_k=max(1, s0 // 2))), ("gemv", dict(f, split_k=s0 * 2)),
+          ("gemv", dict(f, block_w=32, block_k=128)), ("gemv", dict(f, num_warps=2)),
+          # no split-K: every program streams all of K for a narrow column tile (pipelined)
+          ("gemv", dict(f, split_k=1, block_w=16, block_k=128, num_stages=3)),
+          ("gemv", dict(f, split_k=1, block_w=8, block_k=256, num_stages=3)),
+          ("gemv", dict(f, split_k=4, block_w=32, block_k=64, num_stages=2))]
   return [c for i, c in enumerate(out) if c not in out[:i]]
 
 
 def resolved(impl, kw, m, k4, n4):
   """The tiling a config resolves to (for the table)."""
-  extra = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages")}
+  extra = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages", "reduce")}
   if impl == "gemv":
     return {**tm.gemv_config(m, k4, n4, kw.get("block_t"), kw.get("block_w"), kw.get("block_k"),
                              kw.get("split_k")), **extra}
@@ -147,14 +154,20 @@ def resolved(impl, kw, m, k4, n4):
 
 def fmt_cfg(impl, cfg):
   short = dict(block_t="t", block_m="m", block_w="w", block_k="k", split_k="s", num_warps="nw",
-               num_stages="ns")
-  return impl + (" " + ",".join(f"{short.get(k, k)}{v}" for k, v in cfg.items()) if cfg else "")
+               num_stages="ns", xla_layout="", xla_barrier="barrier=")
+  parts = []
+  for k, v in cfg.items():
+    if k == "reduce":
+      parts.append(str(v))
+    else:
+      parts.append(f"{short.get(k, k)}{v}")
+  return impl + (" " + ",".join(parts) if parts else "")
 
 
 def main(argv):
   del argv
   if FLAGS.tiny:
-    FLAGS.shapes, FLAGS.sweep_shapes, FLAGS.ms = ["256x384"], ["256x384"], ["1", "8", "20"]
+    FLAGS.shapes, FLAGS.sweep_shapes, FLAGS.ms = ["256x384"], ["256x384"], ["1", "300", "8"]
     FLAGS.trials, FLAGS.set_mib, FLAGS.max_sets = 1, 1, 2
   print(f"devices: {jax.devices()}  jax {jax.__version__}", flush=True)
   bw_copy = devtime.copy_bandwidth()
@@ -173,29 +186,31 @@ def main(argv):
       pbytes, bbytes = k4 * n4 * 4, 2 * k * n
       flops = 2 * m * k * n
       key, kx, kw = jax.random.split(key, 3)
+      # the same number of sets (calls per loop iteration) for bf16 and ternary
+      sets = max(n_sets(bbytes, m), n_sets(pbytes, m))
       # --- XLA bf16 peer
-      sb = n_sets(bbytes, m)
       x_bf = jax.random.normal(kx, (m, k), jnp.bfloat16)
-      ws_bf = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in jax.random.split(kw, sb)]
+      ws_bf = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in jax.random.split(kw, sets)]
       est_bf = max(bbytes / 2.5e12, flops / 6e14) + 3e-6
-      t_bf, t_bf_net = chain_seconds(lambda c, w: jnp.dot(c[0], w), (x_bf,), ws_bf, est_bf,
-                                     loop_oh)
+      t_bf = chain_seconds(lambda c, w: jnp.dot(c[0], w), (x_bf,), ws_bf, est_bf)
       del ws_bf
-      print(f"K={k} N={n} M={m}: bf16 {t_bf * 1e6:.1f} us ({sb} sets; {bbytes / t_bf / 1e12:.2f}"
-            f" TB/s of weights)", flush=True)
       # --- ternary
-      st = n_sets(pbytes, m)
       ps = [ternary.PackedTernary(packed=rand_words(kk, k4, n4), scale=jnp.float32(0.02),
-                                  shape=(k, n)) for kk in jax.random.split(kw, st)]
+                                  shape=(k, n)) for kk in jax.random.split(kw, sets)]
       xq, sx = tm.int8_act_codes(x_bf)
       x0 = (xq, sx[:, 0])
+      t_chain = noop_chain_seconds(x0, ps)  # the bump kernel + 1/S of the loop, per call
+      t_bf_net = t_bf - t_chain
+      print(f"K={k} N={n} M={m}: bf16 {t_bf * 1e6:.1f} us, net {t_bf_net * 1e6:.1f} us ({sets} "
+            f"sets; {bbytes / t_bf / 1e12:.2f} TB/s of weights gross); no-op chain "
+            f"{t_chain * 1e6:.1f} us per call", flush=True)
       mc = min(m, 8)  # rows checked against the reference
       ref = np.asarray(tm.ternary_matmul_reference(xq[:mc], sx[:mc, 0], ps[0]), np.float64)
       est_t = max(pbytes / 2.0e12, flops / 6e14) + 5e-6
       sweep = FLAGS.sweep and f"{k}x{n}" in FLAGS.sweep_shapes
       results, seen = [], set()
       for ci, (impl, kwc) in enumerate(configs(m, k4, n4, sweep)):
-        if ci > 0 and time.time() - T0 > FLAGS.budget_s:
+        if ci > 1 and time.time() - T0 > FLAGS.budget_s:
           print("  (budget spent: sweep cut short)", flush=True)
           break
         try:
@@ -209,18 +224,20 @@ def main(argv):
           err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
           if not err < 1e-2:
             raise AssertionError(f"wrong result: relative error {err:.3g}")
-          t, t_net = chain_seconds(op, x0, ps, est_t, loop_oh)
+          t = chain_seconds(op, x0, ps, est_t)
         except Exception as e:  # noqa: BLE001 -- a failing config is logged; the sweep goes on
           msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
           log.append(dict(k=k, n=n, m=m, impl=impl, cfg=str(kwc), error=msg))
           print(f"  FAIL {impl} {kwc}: {msg}", flush=True)
           continue
+        t_net = t - t_chain
         results.append((t, t_net, impl, cfg, ci == 0))
         log.append(dict(k=k, n=n, m=m, impl=impl, cfg=cfg, us=t * 1e6, us_net=t_net * 1e6,
                         err=err))
-        print(f"  {fmt_cfg(impl, cfg):48s} {t * 1e6:9.1f} us  x{t_bf / t:5.2f} vs bf16  "
-              f"{pbytes / t / 1e12:5.2f} TB/s ({100 * pbytes / t / bw_copy:5.1f}% copy)  "
-              f"net {_tbs(pbytes, t_net)} TB/s", flush=True)
+        print(f"  {fmt_cfg(impl, cfg):44s} {t * 1e6:8.1f} us (net {t_net * 1e6:6.1f})  "
+              f"x{t_bf / t:5.2f} vs bf16 (net x{_ratio(t_bf_net, t_net)})  "
+              f"{pbytes / t / 1e12:5.2f} TB/s ({100 * pbytes / t / bw_copy:5.1f}% copy; net "
+              f"{_tbs(pbytes, t_net)} TB/s)", flush=True)
       del ps
       if not results:
         rows.append(dict(k=k, n=n, m=m, t_bf_us=t_bf * 1e6, failed=True))
@@ -229,14 +246,21 @@ def main(argv):
       best = min(results, key=lambda r: r[0])
       auto = [r for r in results if r[4]]
       rows.append(dict(k=k, n=n, m=m, t_bf_us=t_bf * 1e6, t_bf_net_us=t_bf_net * 1e6,
-                       impl=best[2], cfg=fmt_cfg(best[2], best[3]), t_us=best[0] * 1e6,
-                       t_net_us=best[1] * 1e6, speedup=t_bf / best[0],
+                       t_chain_us=t_chain * 1e6, impl=best[2], cfg=fmt_cfg(best[2], best[3]),
+                       t_us=best[0] * 1e6, t_net_us=best[1] * 1e6, speedup=t_bf / best[0],
+                       speedup_net=_ratio(t_bf_net, best[1]),
                        tbs=pbytes / best[0] / 1e12, frac=pbytes / best[0] / bw_copy,
                        tbs_net=_tbs(pbytes, best[1]),
+                       frac_net=(f"{100 * pbytes / best[1] / bw_copy:.1f}" if best[1] > 0
+                                 else "n/a"),
                        t_auto_us=auto[0][0] * 1e6 if auto else float("nan"),
-                       n_cfgs=len(results), sets=(sb, st)))
+                       n_cfgs=len(results), sets=sets))
       write(rows, log, bw_copy, loop_oh, final=False)  # keep what is done if the run is cut
   write(rows, log, bw_copy, loop_oh)
+
+
+def _ratio(a, b):
+  return f"{a / b:.2f}" if a > 0 and b > 0 else "n/a"
 
 
 def write(rows, log, bw_copy, loop_oh, final=True):
@@ -249,21 +273,26 @@ def write(rows, log, bw_copy, loop_oh, final=True):
       f"(devtime.copy_bandwidth); empty fori_loop iteration {loop_oh * 1e6:.1f} us. Command: "
       f"`python experiments/bench_ternary.py{'' if FLAGS.sweep else ' --nosweep'}`.",
       "Device time per call (devtime.loop_seconds slope over a chain of S distinct weight sets per "
-      "iteration, see the script docstring); `TB/s` = packed weight bytes / time (gross), `net` "
-      "subtracts the empty-loop iteration cost. `best` is the fastest config timed; `auto` is "
-      "impl='auto' with default tiling.",
+      "iteration, the same S for bf16 and ternary; see the script docstring). `us` is gross (it "
+      "includes the chain's dependency kernel and 1/S of the loop's cost); `chain` is that cost "
+      "per call, timed with a no-op in place of the matmul; `net` = gross - chain, for both "
+      "columns. `TB/s` and `% copy`: packed weight bytes / gross (net) time. `best` is the "
+      "fastest config timed; `auto us` is impl='auto' with default settings (gross).",
       "",
-      "| K | N | M | bf16 us | best ternary | us | x bf16 | TB/s | % copy | net TB/s | auto us |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "| K | N | M | S | chain us | bf16 us | bf16 net | best ternary | us | net | x bf16 | "
+      "x bf16 net | TB/s | % copy | net % copy | auto us |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in sorted(rows, key=lambda r: (-r["k"] * r["n"], r["k"], r["m"])):
     if r.get("failed"):
-      lines.append(f"| {r['k']} | {r['n']} | {r['m']} | {r['t_bf_us']:.1f} | all configs failed "
-                   "| | | | | | |")
+      lines.append(f"| {r['k']} | {r['n']} | {r['m']} | | | {r['t_bf_us']:.1f} | | all configs "
+                   "failed | | | | | | | | |")
       continue
-    lines.append(f"| {r['k']} | {r['n']} | {r['m']} | {r['t_bf_us']:.1f} | `{r['cfg']}` | "
-                 f"{r['t_us']:.1f} | {r['speedup']:.2f} | {r['tbs']:.2f} | {100 * r['frac']:.1f} "
-                 f"| {r['tbs_net']} | {r['t_auto_us']:.1f} |")
+    lines.append(f"| {r['k']} | {r['n']} | {r['m']} | {r['sets']} | {r['t_chain_us']:.1f} | "
+                 f"{r['t_bf_us']:.1f} | {r['t_bf_net_us']:.1f} | `{r['cfg']}` | {r['t_us']:.1f} | "
+                 f"{r['t_net_us']:.1f} | {r['speedup']:.2f} | {r['speedup_net']} | "
+                 f"{r['tbs']:.2f} | {100 * r['frac']:.1f} | {r['frac_net']} | "
+                 f"{r['t_auto_us']:.1f} |")
   out = FLAGS.out
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out, "w") as fh:

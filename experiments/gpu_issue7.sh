@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 7 on one H200, one device call (<= ~4 min wall): packed ternary kernel tests compiled for
-# the GPU, the BitNet model tests (packed model through the GPU kernels), then
-# experiments/bench_ternary.py with its config sweep. Everything lands under $OUT; a compact summary
+# Issue 7 on one H200, one device call (<= ~4 min wall, ~3.5 min expected): the packed ternary
+# kernel tests compiled for the GPU (incl. the fused-epilogue and xla_int8 layout paths), the
+# packed BitNet model tests (through the GPU kernels; the TF32 fix of the fake-quant reference),
+# then experiments/bench_ternary.py with its config sweep (M = 1 and M = 4096 first). Everything lands under $OUT; a compact summary
 # (test counts + the benchmark table) is printed last.
 #
 #   bash experiments/gpu_issue7.sh            # on the device (carry .whl for ml_collections)
@@ -35,9 +36,11 @@ if [ "$TINY" = 1 ]; then
   T_TEST=120; T_MODEL=120; T_BENCH=400
 else
   SEL=()
-  BENCH_FLAGS=(--budget_s=80)
-  T_TEST=70; T_MODEL=55; T_BENCH=115
+  BENCH_FLAGS=(--budget_s=90)
+  T_TEST=75; T_MODEL=45; T_BENCH=125
 fi
+MODEL_SEL=(-k packed)  # the packed-model tests (the 4 that failed on 2026-11-23 are among them)
+[ "$TINY" = 1 ] && MODEL_SEL=(-k "packed and gpu")
 
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/env.txt"
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv; } >> "$OUT/env.txt" 2>&1 || true
@@ -54,11 +57,12 @@ section() {  # name, time limit (s), command...
 : > "$OUT/summary.txt"
 
 # 1. kernel + packing tests, compiled for the GPU (interpret=False there)
+# (the packing tests, tests/quant/test_ternary.py and tests/layers/test_packed_ternary_words.py, are
+# backend-independent and run in CI on CPU)
 section kernel_tests "$T_TEST" "$PY" -m pytest -p no:cacheprovider "${SEL[@]}" \
-  tests/pallas_kernels/test_ternary_matmul.py tests/quant/test_ternary.py \
-  tests/layers/test_packed_ternary_words.py
+  tests/pallas_kernels/test_ternary_matmul.py
 # 2. BitNet model tests (test_packed_model_on_gpu_kernels: decode and prefill through the kernels)
-section model_tests "$T_MODEL" "$PY" -m pytest -p no:cacheprovider "${SEL[@]}" \
+section model_tests "$T_MODEL" "$PY" -m pytest -p no:cacheprovider "${MODEL_SEL[@]}" \
   tests/models/test_bitnet_model.py
 # 3. benchmark with the sweep (writes the table after every row; a cut run keeps what is done)
 section bench "$T_BENCH" "$PY" experiments/bench_ternary.py --out="$OUT/ternary.md" \
@@ -73,4 +77,5 @@ for f in kernel_tests model_tests; do
 done
 cat "$OUT/summary.txt"
 grep -E "copy bandwidth|FAIL" "$OUT/bench.log" | head -n 12
+grep -E "^K=" "$OUT/bench.log" | head -n 12   # bf16 gross/net and the no-op chain per row
 [ -f "$OUT/ternary.md" ] && tail -n +6 "$OUT/ternary.md" || echo "no benchmark table"

@@ -16,11 +16,18 @@ With codes c = w + 1, sum_k x_k w_k = sum_k x_k c_k - sum_k x_k (all integer, ex
 
 Both kernels are split-K: grid (column tiles, K splits, row blocks); program (c, s, t) reads the
 contiguous word tile rows [s*K4/split, (s+1)*K4/split) x columns [c*bw, (c+1)*bw) in steps of
-[bk4, bw] words and writes exact int32 partial sums (minus the sum of its own x slice) to
-out[s, rows, 4, cols]; one small XLA fusion adds the splits, scales and casts. Many programs (the
-automatic configs aim at >= `TARGET_PROGRAMS` ~ 4 per SM of an H200) keep enough loads in flight to
-stream the weights at HBM bandwidth, which a decode-shaped product (M = 1) needs: its arithmetic
-per byte is tiny.
+[bk4, bw] words. Two ways to finish (`reduce`):
+  * "xla": each program writes exact int32 partial sums (minus the sum of its own x slice) to
+    out[s, rows, 4, cols]; one small XLA fusion adds the splits, scales and casts (a second kernel).
+  * "fused": the program scales its partial sum in-kernel (scale_w * scale_x[row], float32) and
+    adds it with `atomic_add` into a zero-initialised float32 out[rows, 4, cols] (the zeros come in
+    through `input_output_aliases`); with split_k = 1 it stores the scaled result directly (in
+    out_dtype, no zero buffer, no atomics). No reduction kernel; the float32 adds of the split_k
+    partial sums happen in an unspecified order, so the result is not bitwise deterministic
+    (each partial is exact; only the float32 scaling/adds round, ~1e-7 relative).
+Many programs (the automatic configs aim at >= `TARGET_PROGRAMS` ~ 4 per SM of an H200) keep
+enough loads in flight to stream the weights at HBM bandwidth, which a decode-shaped product
+(M = 1) needs: its arithmetic per byte is tiny.
 
 * `gemv` (M <= GEMV_MAX_M under "auto"): SIMD-within-a-register on CUDA cores. The masks
   0x00030003 on w >> 2j and on (w >> 8) >> 2j put the codes of two output columns (planes i = 0, 2
@@ -33,8 +40,14 @@ per byte is tiny.
   [bm, bk4] with the unpacked int8 code tile [bk4, bw], int32 accumulation; M padded to bm >= 16.
 * `xla_int8` / `xla_bf16`: unpack the whole weight with XLA (one fused pass that writes K*N or 2*K*N
   bytes), then an XLA int8 (int32 accumulation) or bf16 matmul: the "unpack then dense matmul" path
-  for large M, where the matmul is compute bound. "auto" uses xla_bf16 above DOT_MAX_M, a bf16 GEMM
-  plus an unpack pass, i.e. not faster than bf16 there (stated, not hidden).
+  for large M, where the matmul is compute bound. "auto" uses xla_int8 above DOT_MAX_M: on the H200
+  (results/ternary.md, 2026-11-23) the int8 GEMM plus the unpack pass took 503.6 / 468.8 us at
+  M = 4096 for 8192x8192 / 4096x14336 against 788.0 / 610.0 us for the bf16 GEMM, while xla_bf16
+  (what "auto" used before) took 832.2 / 710.7 us (a bf16 GEMM plus an unpack pass cannot beat a
+  bf16 GEMM). `xla_layout` picks how the unpacked weight is laid out: "nk" ([N, K], K contiguous,
+  from the [K, N] unpack transposed), "nk_direct" ([N, K] computed straight from the transposed
+  words) or "kn" ([K, N]); `xla_barrier=False` drops the optimization barrier so XLA may fuse the
+  unpacking into the GEMM's operand loads.
 
 `impl="auto"` picks by M; the thresholds are predictions until experiments/bench_ternary.py's sweep
 on an H200 confirms them (results/ternary.md). The weights should be int32 words
@@ -58,11 +71,15 @@ from effjax.layers.bitlinear import int8_act_codes
 from effjax.quant.ternary import PackedTernary, unpack_2bit, words_2bit
 
 __all__ = ["ternary_matmul_reference", "ternary_matmul", "ternary_linear", "gemv_config",
-           "dot_config", "auto_impl", "GEMV_MAX_M", "DOT_MAX_M", "IMPLS", "TARGET_PROGRAMS"]
+           "dot_config", "auto_impl", "GEMV_MAX_M", "DOT_MAX_M", "IMPLS", "REDUCES", "XLA_LAYOUTS",
+           "DEFAULT_REDUCE", "TARGET_PROGRAMS"]
 
 IMPLS = ("auto", "gemv", "dot", "xla_int8", "xla_bf16", "reference")
+REDUCES = ("xla", "fused")
+XLA_LAYOUTS = ("nk", "nk_direct", "kn")
+DEFAULT_REDUCE = "xla"  # the measured default; "fused" is swept by experiments/bench_ternary.py
 GEMV_MAX_M = 4       # "auto": M <= this -> gemv (SWAR; cost per word grows with M)
-DOT_MAX_M = 256      # GEMV_MAX_M < M <= this -> dot; above: unpack + XLA bf16 matmul
+DOT_MAX_M = 256      # GEMV_MAX_M < M <= this -> dot; above: unpack + XLA int8 matmul
 TARGET_PROGRAMS = 512  # automatic split-K aims at >= this many programs (H200: 132 SMs)
 _LANE_PRODUCTS = 128  # products a 16-bit half may accumulate before a flush
 _LANE_MASK = 0x00030003
@@ -84,11 +101,42 @@ def ternary_matmul_reference(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTer
 # ----------------------------------------------------------------------------- kernels
 
 
-def _gemv_kernel(x_ref, w_ref, o_ref, *, k4, k4s, bk4, n_chunks, chunk):
+def _finish(o_ref, rows, i, val, scale_refs, mode):
+  """Writes plane i of an exact int32 result `val` [len(rows), bw] for token rows `rows` (pl.ds).
+
+  mode "xla": int32 partial sums to o_ref[rows, i, :] (o_ref is [tm, 4, bw], the split dim squeezed);
+  "store": val * scale_w * scale_x[rows] in o_ref's dtype; "atomic": the same scaled float32 values
+  added with atomic_add into the zero-initialised float32 o_ref.
+  """
+  if mode == "xla":
+    o_ref[rows, pl.ds(i, 1), :] = val[:, None, :]
+    return
+  sw_ref, sx_ref = scale_refs
+  s = sx_ref[rows] * sw_ref[...]                      # [rows] float32 (sw_ref is [1])
+  y = val.astype(jnp.float32) * s[:, None]
+  if mode == "store":
+    o_ref[rows, pl.ds(i, 1), :] = y[:, None, :].astype(o_ref.dtype)
+  else:
+    plgpu.atomic_add(o_ref, (rows, pl.ds(i, 1), slice(None)), y[:, None, :])
+
+
+def _split_refs(rest, mode):
+  """(scale refs or None, output ref) from the kernel's trailing refs (see `_kernel_call`)."""
+  if mode == "xla":
+    return None, rest[0]
+  if mode == "store":
+    return (rest[0], rest[1]), rest[2]
+  return (rest[0], rest[1]), rest[3]  # rest[2] is the aliased zero input (same buffer as rest[3])
+
+
+def _gemv_kernel(x_ref, w_ref, *rest, k4, k4s, bk4, n_chunks, chunk, mode):
   """tm tokens x one column tile (bw words = 4*bw outputs) x one K split, SWAR on CUDA cores.
 
-  x_ref [tm, Kp] int8, w_ref [k4s, bw] int32 words, o_ref [tm, 4, bw] int32 partial sums.
+  x_ref [tm, Kp] int8, w_ref [k4s, bw] int32 words; then (mode != "xla") scale_w [1] and
+  scale_x [tm] float32 refs, (mode "atomic") the aliased zero buffer; last the output ref
+  [tm, 4, bw] (int32 partial sums for mode "xla", see `_finish`).
   """
+  scale_refs, o_ref = _split_refs(rest, mode)
   tm = x_ref.shape[0]
   bw = w_ref.shape[1]
   k0 = pl.program_id(1) * k4s  # first packed row of this K split
@@ -139,14 +187,16 @@ def _gemv_kernel(x_ref, w_ref, o_ref, *, k4, k4s, bk4, n_chunks, chunk):
   for mi in range(tm):
     xsum = jnp.sum(xss[mi])
     for i, yi in enumerate(ys[mi]):
-      o_ref[mi, i, :] = yi - xsum
+      _finish(o_ref, pl.ds(mi, 1), i, (yi - xsum)[None, :], scale_refs, mode)
 
 
-def _dot_kernel(x_ref, w_ref, o_ref, *, k4, k4s, bk4, n_iter):
+def _dot_kernel(x_ref, w_ref, *rest, k4, k4s, bk4, n_iter, mode):
   """Row block bm x column tile bw words x one K split: 16 tensor-core dots per K step.
 
-  x_ref [bm, Kp] int8, w_ref [k4s, bw] int32 words, o_ref [bm, 4, bw] int32 partial sums.
+  x_ref [bm, Kp] int8, w_ref [k4s, bw] int32 words; the trailing refs as in `_gemv_kernel`,
+  output [bm, 4, bw].
   """
+  scale_refs, o_ref = _split_refs(rest, mode)
   bm = x_ref.shape[0]
   bw = w_ref.shape[1]
   k0 = pl.program_id(1) * k4s
@@ -166,7 +216,7 @@ def _dot_kernel(x_ref, w_ref, o_ref, *, k4, k4s, bk4, n_iter):
   za = jnp.zeros((bm, bw), jnp.int32)
   out = lax.fori_loop(0, n_iter, body, (za, za, za, za, jnp.zeros((bm,), jnp.int32)))
   for i in range(4):
-    o_ref[:, i, :] = out[i] - out[4][:, None]
+    _finish(o_ref, pl.ds(0, bm), i, out[i] - out[4][:, None], scale_refs, mode)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -253,71 +303,84 @@ def _pad_rows(x_MKp, s_M, mp):
   return jnp.pad(x_MKp, ((0, mp - m), (0, 0))), jnp.pad(s_M, (0, mp - m))
 
 
-def _epilogue(part_SM4N, s_M, m, out_dtype):
-  """Adds the K splits' exact int32 partial sums, scales, casts: [split, mp, 4, n4] -> [m, 4*n4]."""
-  _, mp, _, n4 = part_SM4N.shape
-  acc = jnp.sum(part_SM4N, axis=0)
-  y = (acc.astype(jnp.float32) * s_M[:, None, None]).astype(out_dtype)
-  return y.reshape(mp, 4 * n4)[:m]
+def _kernel_call(kind, x_MKp, sx_M, sw, words_K4N4, *, cfg, reduce, num_warps, num_stages,
+                 out_dtype, interpret):
+  """One pallas_call of the gemv or dot kernel; returns y [M, 4*n4] in out_dtype.
 
-
-def _gemv_call(x_MKp, s_M, words_K4N4, *, cfg, num_warps, num_stages, out_dtype, interpret):
+  Grid (column tiles, K splits, row blocks). reduce "xla": int32 partials [split, mp, 4, n4] and
+  an XLA sum + scale; "fused": scaled float32 results added atomically into zeros (split_k > 1)
+  or stored directly (split_k = 1).
+  """
   m, kp = x_MKp.shape
   k4, n4 = words_K4N4.shape
-  tm, bw, bk4, split_k = cfg["block_t"], cfg["block_w"], cfg["block_k"], cfg["split_k"]
-  mp = -(-m // tm) * tm
-  x_MKp, s_M = _pad_rows(x_MKp, s_M, mp)
+  rows = cfg["block_t"] if kind == "gemv" else cfg["block_m"]
+  bw, bk4, split_k = cfg["block_w"], cfg["block_k"], cfg["split_k"]
+  mp = -(-m // rows) * rows
+  x_MKp, sx_M = _pad_rows(x_MKp, sx_M, mp)
   k4s = k4 // split_k
   n_iter = k4s // bk4
-  chunk = _largest_divisor_at_most(n_iter, _LANE_PRODUCTS // 4)
-  kernel = functools.partial(_gemv_kernel, k4=k4, k4s=k4s, bk4=bk4, n_chunks=n_iter // chunk,
-                             chunk=chunk)
+  mode = "xla" if reduce == "xla" else ("store" if split_k == 1 else "atomic")
+  if kind == "gemv":
+    chunk = _largest_divisor_at_most(n_iter, _LANE_PRODUCTS // 4)
+    kernel = functools.partial(_gemv_kernel, k4=k4, k4s=k4s, bk4=bk4, n_chunks=n_iter // chunk,
+                               chunk=chunk, mode=mode)
+  else:
+    kernel = functools.partial(_dot_kernel, k4=k4, k4s=k4s, bk4=bk4, n_iter=n_iter, mode=mode)
+  x_spec = pl.BlockSpec((rows, kp), lambda c, s, t: (t, 0))
+  w_spec = pl.BlockSpec((k4s, bw), lambda c, s, t: (s, c))
+  tile_spec = pl.BlockSpec((rows, 4, bw), lambda c, s, t: (t, 0, c))
+  args, in_specs, aliases = [x_MKp, words_K4N4], [x_spec, w_spec], {}
+  if mode == "xla":
+    out_spec = pl.BlockSpec((None, rows, 4, bw), lambda c, s, t: (s, t, 0, c))
+    out_shape = jax.ShapeDtypeStruct((split_k, mp, 4, n4), jnp.int32)
+    out_bytes = split_k * mp * 4 * n4 * 4
+  else:
+    args += [sw.reshape(1), sx_M]
+    in_specs += [pl.BlockSpec((1,), lambda c, s, t: (0,)),
+                 pl.BlockSpec((rows,), lambda c, s, t: (t,))]
+    out_spec = tile_spec
+    dt = jnp.dtype(out_dtype) if mode == "store" else jnp.dtype(jnp.float32)
+    out_shape = jax.ShapeDtypeStruct((mp, 4, n4), dt)
+    out_bytes = split_k * mp * 4 * n4 * dt.itemsize
+    if mode == "atomic":
+      args.append(jnp.zeros((mp, 4, n4), jnp.float32))
+      in_specs.append(tile_spec)
+      aliases = {len(args) - 1: 0}
   cost = pl.CostEstimate(flops=2 * mp * 16 * k4 * n4, transcendentals=0,
-                         bytes_accessed=(mp // tm) * 4 * k4 * n4 + (n4 // bw) * x_MKp.size
-                         + split_k * mp * 4 * n4 * 4)
-  part = pl.pallas_call(
+                         bytes_accessed=(mp // rows) * 4 * k4 * n4 + (n4 // bw) * mp * kp
+                         + out_bytes)
+  out = pl.pallas_call(
       kernel,
-      grid=(n4 // bw, split_k, mp // tm),
-      in_specs=[
-          pl.BlockSpec((tm, kp), lambda c, s, t: (t, 0)),
-          pl.BlockSpec((k4s, bw), lambda c, s, t: (s, c)),
-      ],
-      out_specs=pl.BlockSpec((None, tm, 4, bw), lambda c, s, t: (s, t, 0, c)),
-      out_shape=jax.ShapeDtypeStruct((split_k, mp, 4, n4), jnp.int32),
+      grid=(n4 // bw, split_k, mp // rows),
+      in_specs=in_specs,
+      out_specs=out_spec,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       cost_estimate=cost,
       interpret=interpret,
-      name="ternary_gemv",
-  )(x_MKp, words_K4N4)
-  return _epilogue(part, s_M, m, out_dtype)
+      name=f"ternary_{kind}" + ("" if mode == "xla" else f"_{mode}"),
+  )(*args)
+  if mode == "xla":  # add the K splits' exact int32 partial sums, scale, cast
+    acc = jnp.sum(out, axis=0)
+    out = acc.astype(jnp.float32) * (sx_M * sw)[:, None, None]
+  return out.astype(out_dtype).reshape(mp, 4 * n4)[:m]
 
 
-def _dot_call(x_MKp, s_M, words_K4N4, *, cfg, num_warps, num_stages, out_dtype, interpret):
-  m, kp = x_MKp.shape
-  k4, n4 = words_K4N4.shape
-  bm, bw, bk4, split_k = cfg["block_m"], cfg["block_w"], cfg["block_k"], cfg["split_k"]
-  mp = -(-m // bm) * bm
-  x_MKp, s_M = _pad_rows(x_MKp, s_M, mp)
-  k4s = k4 // split_k
-  kernel = functools.partial(_dot_kernel, k4=k4, k4s=k4s, bk4=bk4, n_iter=k4s // bk4)
-  cost = pl.CostEstimate(flops=2 * mp * 16 * k4 * n4, transcendentals=0,
-                         bytes_accessed=(mp // bm) * 4 * k4 * n4 + (n4 // bw) * mp * kp
-                         + split_k * mp * 4 * n4 * 4)
-  part = pl.pallas_call(
-      kernel,
-      grid=(n4 // bw, split_k, mp // bm),
-      in_specs=[
-          pl.BlockSpec((bm, kp), lambda c, s, t: (t, 0)),
-          pl.BlockSpec((k4s, bw), lambda c, s, t: (s, c)),
-      ],
-      out_specs=pl.BlockSpec((None, bm, 4, bw), lambda c, s, t: (s, t, 0, c)),
-      out_shape=jax.ShapeDtypeStruct((split_k, mp, 4, n4), jnp.int32),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      cost_estimate=cost,
-      interpret=interpret,
-      name="ternary_dot",
-  )(x_MKp, words_K4N4)
-  return _epilogue(part, s_M, m, out_dtype)
+def _codes_for_xla(p: PackedTernary, dt, layout: str, barrier: bool) -> jax.Array:
+  """The whole weight unpacked by XLA in dtype dt: [N, K] for "nk*" layouts, else [K, N]."""
+  k, n = p.shape
+  if layout == "nk_direct":
+    w_T = (p.packed if p.packed.dtype == jnp.int32 else words_2bit(p.packed)).T                                                      # [N4, K4]
+    n4, k4 = w_T.shape
+    sh = (8 * jnp.arange(4, dtype=jnp.int32)[:, None] + 2 * jnp.arange(4, dtype=jnp.int32)[None])
+    planes = (w_T[None, :, None, :] >> sh[:, None, :, None]) & 3          # [i, c, j, r]
+    codes = (planes.reshape(4 * n4, 4 * k4)[:n, :k] - 1).astype(dt)       # [i*N4 + c, j*K4 + r]
+  else:
+    codes = unpack_2bit(p.packed, p.shape).astype(dt)
+    if layout != "kn":
+      codes = codes.T
+  return lax.optimization_barrier(codes) if barrier else codes
 
 
 # ----------------------------------------------------------------------------- public wrapper
@@ -325,7 +388,7 @@ def _dot_call(x_MKp, s_M, words_K4N4, *, cfg, num_warps, num_stages, out_dtype, 
 
 def auto_impl(m: int) -> str:
   """The impl "auto" uses for M tokens."""
-  return "gemv" if m <= GEMV_MAX_M else ("dot" if m <= DOT_MAX_M else "xla_bf16")
+  return "gemv" if m <= GEMV_MAX_M else ("dot" if m <= DOT_MAX_M else "xla_int8")
 
 
 def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
@@ -333,7 +396,8 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
                    block_m: int | None = None, block_t: int | None = None,
                    block_w: int | None = None, block_k: int | None = None,
                    split_k: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                   xla_layout: str = "nk") -> jax.Array:
+                   reduce: str | None = None, xla_layout: str = "nk",
+                   xla_barrier: bool = True) -> jax.Array:
   """y[M, N] = (x_MK @ codes) * p.scale * scale_x_M[:, None] from packed ternary weights.
 
   Args:
@@ -342,21 +406,30 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
     p: `PackedTernary` from `effjax.quant.ternary.export_ternary`; pass it through
       `effjax.quant.ternary.as_words` once (a uint8 `packed` is converted on every call).
     impl: one of IMPLS; "auto" = `auto_impl(M)`: gemv for M <= GEMV_MAX_M, dot for
-      M <= DOT_MAX_M, else xla_bf16 (unpack to bf16 + XLA bf16 matmul).
+      M <= DOT_MAX_M, else xla_int8 (unpack to int8 + XLA int8 matmul).
     interpret: run Pallas kernels in the interpreter; default True off-GPU, False on GPU.
     block_t (gemv tokens per program), block_m (dot rows per program), block_w (words per column
       tile), block_k (packed rows per step), split_k (K splits, must divide K/4): None = the
       automatic choice of `gemv_config` / `dot_config`; block sizes are rounded down to powers of
       two dividing the packed dims.
-    num_warps, num_stages: Triton launch parameters; num_stages None = 1 for gemv (a program
-      makes few K steps: its loads in flight come from many programs, not from pipelining) and 3
-      for dot (Triton pipelines the weight loads of its K loop).
-    xla_layout: "nk" (unpack to [N, K], K contiguous) or "kn" for the xla_* paths.
+    num_warps, num_stages: Triton launch parameters; num_stages None = 1 for gemv (with the
+      automatic split-K a program makes few K steps: its loads in flight come from many programs,
+      not from pipelining; pass 2-3 with split_k = 1) and 3 for dot (Triton pipelines the weight
+      loads of its K loop).
+    reduce: gemv/dot only, one of REDUCES; None = DEFAULT_REDUCE. "xla": int32 partial sums per K
+      split plus an XLA reduction (exact sums, one more kernel); "fused": scale in-kernel and
+      float32 atomic adds across K splits (plain stores when split_k = 1), no reduction kernel.
+    xla_layout: one of XLA_LAYOUTS, for the xla_* paths (see the module docstring).
+    xla_barrier: xla_* paths: keep the unpacked weight a separate array (an optimization
+      barrier); False lets XLA fuse the unpacking into the matmul.
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-  if xla_layout not in ("nk", "kn"):
-    raise ValueError(f"xla_layout must be 'nk' or 'kn', got {xla_layout!r}")
+  if xla_layout not in XLA_LAYOUTS:
+    raise ValueError(f"xla_layout must be one of {XLA_LAYOUTS}, got {xla_layout!r}")
+  reduce = DEFAULT_REDUCE if reduce is None else reduce
+  if reduce not in REDUCES:
+    raise ValueError(f"reduce must be one of {REDUCES} or None, got {reduce!r}")
   if x_MK.ndim != 2 or x_MK.dtype != jnp.int8:
     raise ValueError(f"x_MK must be int8 [M, K], got {x_MK.dtype} {tuple(x_MK.shape)}")
   m, k = x_MK.shape
@@ -372,34 +445,28 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
   if impl == "reference":
     return ternary_matmul_reference(x_MK, scale_x_M, p, out_dtype)
   if impl in ("xla_int8", "xla_bf16"):
-    # Unpack the whole weight in one XLA fusion, then a dense XLA matmul. The optimization
-    # barrier keeps XLA from fusing the unpacking into the matmul's operand prologue.
     dt = jnp.int8 if impl == "xla_int8" else jnp.bfloat16
     acc_t = jnp.int32 if impl == "xla_int8" else jnp.float32
-    codes = unpack_2bit(p.packed, p.shape).astype(dt)
-    if xla_layout == "nk":  # K-contiguous weight ("TN" GEMM, the layout int8 tensor cores want)
-      codes = lax.optimization_barrier(codes.T)
+    codes = _codes_for_xla(p, dt, xla_layout, xla_barrier)
+    if xla_layout == "kn":
+      acc = lax.dot(x_MK.astype(dt), codes, preferred_element_type=acc_t)
+    else:  # K-contiguous weight ("TN" GEMM, the layout int8 tensor cores want)
       acc = lax.dot_general(x_MK.astype(dt), codes, (((1,), (1,)), ((), ())),
                             preferred_element_type=acc_t)
-    else:
-      codes = lax.optimization_barrier(codes)
-      acc = lax.dot(x_MK.astype(dt), codes, preferred_element_type=acc_t)
     return (acc.astype(jnp.float32) * (p.scale * scale_x_M.astype(jnp.float32))[:, None]
             ).astype(out_dtype)
   words = p.packed if p.packed.dtype == jnp.int32 else words_2bit(p.packed)
   k4, n4 = words.shape
   x_MKp = x_MK if 4 * k4 == k else jnp.pad(x_MK, ((0, 0), (0, 4 * k4 - k)))
-  s_M = p.scale * scale_x_M.astype(jnp.float32)
   if impl == "gemv":
     cfg = gemv_config(m, k4, n4, block_t, block_w, block_k, split_k)
-    call = _gemv_call
     num_stages = 1 if num_stages is None else num_stages
   else:
     cfg = dot_config(m, k4, n4, block_m, block_w, block_k, split_k)
-    call = _dot_call
     num_stages = 3 if num_stages is None else num_stages
-  y = call(x_MKp, s_M, words, cfg=cfg, num_warps=num_warps, num_stages=num_stages,
-           out_dtype=out_dtype, interpret=interpret)
+  y = _kernel_call(impl, x_MKp, scale_x_M.astype(jnp.float32), jnp.asarray(p.scale, jnp.float32),
+                   words, cfg=cfg, reduce=reduce, num_warps=num_warps, num_stages=num_stages,
+                   out_dtype=out_dtype, interpret=interpret)
   return y if 4 * n4 == n else y[:, :n]
 
 

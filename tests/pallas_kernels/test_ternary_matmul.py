@@ -47,6 +47,12 @@ def _check(y, ref, seed, tol):
     ("dot", {}, True),
     ("dot", {"split_k": 2, "block_k": 32, "block_m": 16}, True),
     ("xla_int8", {}, False),
+    # fused epilogue: scale in-kernel, float32 atomic adds over K splits / direct store
+    ("gemv", {"reduce": "fused", "split_k": 2, "block_k": 8, "block_w": 8, "block_t": 2}, True),
+    ("gemv", {"reduce": "fused", "split_k": 1, "block_k": 16, "block_w": 16}, False),
+    ("dot", {"reduce": "fused", "split_k": 2, "block_k": 32}, True),
+    ("xla_int8", {"xla_layout": "nk_direct"}, True),
+    ("xla_int8", {"xla_layout": "kn", "xla_barrier": False}, True),
 ])
 def test_kernel_matches_reference_odd_sizes(impl, kw, words):
   rng, seed = _rng()
@@ -60,7 +66,15 @@ def test_kernel_matches_reference_odd_sizes(impl, kw, words):
   if words:
     p = ternary.as_words(p)
   y = tm.ternary_matmul(x, s, p, impl=impl, **kw)
-  _check(y, ref, seed, 1e-6)  # integer accumulation is exact; only the f32 scale multiply rounds
+  # integer accumulation is exact; only the f32 scale multiply (and, fused, f32 adds) round
+  _check(y, ref, seed, 1e-6)
+
+
+def test_auto_impl_by_m():
+  """"auto" takes the paths the H200 sweep measured fastest (results/ternary.md)."""
+  assert [tm.auto_impl(m) for m in (1, tm.GEMV_MAX_M, tm.GEMV_MAX_M + 1, tm.DOT_MAX_M,
+                                    tm.DOT_MAX_M + 1, 4096)] == [
+      "gemv", "gemv", "dot", "dot", "xla_int8", "xla_int8"]
 
 
 def test_auto_configs_fill_the_gpu():
@@ -107,6 +121,10 @@ def test_rejects_bad_inputs():
     tm.ternary_matmul(jnp.ones((1, 32), jnp.int8), jnp.ones((1,)), p)
   with pytest.raises(ValueError, match="impl"):
     tm.ternary_matmul(jnp.ones((1, 64), jnp.int8), jnp.ones((1,)), p, impl="cuda")
+  with pytest.raises(ValueError, match="reduce"):
+    tm.ternary_matmul(jnp.ones((1, 64), jnp.int8), jnp.ones((1,)), p, reduce="atomic")
+  with pytest.raises(ValueError, match="xla_layout"):
+    tm.ternary_matmul(jnp.ones((1, 64), jnp.int8), jnp.ones((1,)), p, xla_layout="mk")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
@@ -127,6 +145,11 @@ def test_gpu_large_shapes_auto(m):
     ("gemv", 1, dict(block_w=32, block_k=128, num_stages=2)), ("gemv", 8, dict(block_t=4)),
     ("dot", 8, dict(block_w=64, block_k=128, num_warps=8)),
     ("dot", 200, dict(block_m=128, block_w=32, block_k=32, split_k=1, num_warps=8)),
+    ("gemv", 1, dict(reduce="fused")), ("gemv", 1, dict(reduce="fused", split_k=1, block_w=16,
+                                                        block_k=128, num_stages=3)),
+    ("gemv", 3, dict(reduce="fused", split_k=2, block_w=32, block_k=64, num_stages=2)),
+    ("dot", 8, dict(reduce="fused")), ("xla_int8", 300, dict(xla_layout="nk_direct")),
+    ("xla_int8", 300, dict(xla_layout="kn", xla_barrier=False)),
 ])
 def test_gpu_sweep_configs(impl, m, kw):
   """A sample of the benchmark sweep's configs, on a shape with odd N, against the reference."""
