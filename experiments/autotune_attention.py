@@ -5,6 +5,9 @@ block_k, num_warps, num_stages) candidates, then the dQ and dK/dV kernels (throu
 forward+backward time, forward fixed at its best), and keeps the fastest. It also measures the
 FlashAttention-4 variants on the tuned forward (exp instead of exp2; conditional rescaling with
 threshold 8.0 in log2 units) so the choice between them is a measurement, not a guess.
+`fma_softmax` (exponent as one FMA in unmasked tiles) is kept if it makes the forward faster, and
+the backward is tuned over both options: two kernels (dQ kernel tiles, then dK/dV tiles) and the
+atomic-dQ kernel (`dq_atomic`, dK/dV tiles in ATOMIC_DKV); the faster one goes into the table.
 Shapes as in the benchmark: B=4, 16 query heads, 4 KV heads, bf16.
 
   python3 experiments/autotune_attention.py --out=pallas_kernels/flash_attention/tuned_blocks.json
@@ -38,6 +41,8 @@ FWD = {128: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
             (256, 64, 8, 3)]}
 DQ = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 3)]
 DKV = [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 2)]
+# dK/dV tiles for the atomic-dQ backward: it also holds a [block_q, H] fp32 dQ tile, so 8 warps.
+ATOMIC_DKV = [(64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 2)]
 
 
 def _time(blocks, S, D, causal, mode, inputs):
@@ -81,6 +86,10 @@ def main(argv):
                                              inputs) * 1e3
           rec["fwd_ms_cond_rescale_8"] = _time(best.replace(rescale_threshold=8.0), S, D, causal,
                                                "fwd", inputs) * 1e3
+        t = _time(best.replace(fma_softmax=True), S, D, causal, "fwd", inputs)
+        rec["fwd_ms_fma_softmax"] = t * 1e3
+        if t < best_t:
+          best, best_t = best.replace(fma_softmax=True), t
         fb_t = float("inf")
         for bq, bk, w, st in DQ:
           blk = best.replace(dq_block_q=bq, dq_block_k=bk, dq_num_warps=w, dq_num_stages=st)
@@ -92,6 +101,14 @@ def main(argv):
           t = _time(blk, S, D, causal, "fwd+bwd", inputs)
           if t < fb_t:
             best, fb_t = blk, t
+        two_kernel_t = fb_t
+        for bq, bk, w, st in ATOMIC_DKV:
+          blk = best.replace(dq_atomic=True, dkv_block_q=bq, dkv_block_k=bk, dkv_num_warps=w,
+                             dkv_num_stages=st)
+          t = _time(blk, S, D, causal, "fwd+bwd", inputs)
+          if t < fb_t:
+            best, fb_t = blk, t
+        rec["fwd_bwd_ms_two_kernel"] = two_kernel_t * 1e3
         rec["fwd_bwd_ms"] = fb_t * 1e3
         rec["blocks"] = {f: getattr(best, f) for f in best.__dataclass_fields__}
         log.append(rec)

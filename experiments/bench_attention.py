@@ -13,6 +13,13 @@ batch, and the median per-call time is reported (device throughput; dispatch ove
 execution).
 
   python3 experiments/bench_attention.py --out_dir=results
+  # backward / forward variants of our kernel (names in VARIANTS), cuDNN and jax's mha:
+  python3 experiments/bench_attention.py --seqs=4096,16384 --head_dims=128 \
+      --impls=pallas,pallas_fma,atomic_w8,atomic_64x128,atomic_fma,cudnn,jax_mha
+
+Variants of our kernel (`VARIANTS`): the tuned tiles of the shape (tuned_blocks.json) with some
+fields overridden, e.g. `dq_atomic=True` (FA2's atomic dQ: the dK/dV kernel also accumulates dQ,
+5 instead of 7 backward matmuls) or `fma_softmax=True` (exponent as one FMA in unmasked tiles).
 """
 
 from __future__ import annotations
@@ -27,10 +34,24 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pallas_kernels.flash_attention import BlockSizes, flash_attention  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels.flash_attention import BlockSizes, flash_attention, lookup_block_sizes  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# name -> (BlockSizes overrides on top of the tuned entry, modes timed). The forward of the
+# backward-only variants is the tuned one, so only fwd+bwd is timed for them.
+VARIANTS = {
+    "pallas": ({}, ("fwd", "fwd+bwd")),
+    "pallas_fma": ({"fma_softmax": True}, ("fwd", "fwd+bwd")),
+    "atomic": ({"dq_atomic": True}, ("fwd+bwd",)),
+    "atomic_w8": ({"dq_atomic": True, "dkv_num_warps": 8}, ("fwd+bwd",)),
+    "atomic_64x128": ({"dq_atomic": True, "dkv_block_q": 64, "dkv_block_k": 128,
+                       "dkv_num_warps": 8, "dkv_num_stages": 2}, ("fwd+bwd",)),
+    "atomic_128x64": ({"dq_atomic": True, "dkv_block_q": 128, "dkv_block_k": 64,
+                       "dkv_num_warps": 8, "dkv_num_stages": 2}, ("fwd+bwd",)),
+    "atomic_fma": ({"dq_atomic": True, "dkv_num_warps": 8, "fma_softmax": True}, ("fwd+bwd",)),
+}
+PEERS = ("cudnn", "jax_mha", "xla")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", "results", "where to write attention_bench.{md,json}")
@@ -43,6 +64,9 @@ flags.DEFINE_integer("kv_heads", 4, "kv heads (GQA)")
 flags.DEFINE_integer("xla_max_seq", 4096, "largest S for the XLA reference")
 flags.DEFINE_float("time_budget_s", 540.0, "stop starting new shapes after this many seconds")
 flags.DEFINE_bool("breakdown", False, "also time our backward's two kernels separately (D=128)")
+flags.DEFINE_string("mha_modes", "fwd,fwd+bwd", "modes timed for jax's mha")
+flags.DEFINE_string("causal", "true,false", "causal settings to run")
+flags.DEFINE_bool("tiny", False, "CPU smoke test: interpret mode, tiny shapes (not a benchmark)")
 
 
 def time_fn(fn, arg_sets, *, target_s: float = 0.05, trials: int = 5) -> float:
@@ -65,11 +89,11 @@ def time_fn(fn, arg_sets, *, target_s: float = 0.05, trials: int = 5) -> float:
   return statistics.median(samples)
 
 
-def attention_fns(impl: str, causal: bool, scale: float, blocks=None):
+def attention_fns(impl: str, causal: bool, scale: float, blocks=None, interpret=False):
   """(forward, forward+backward) callables for one implementation."""
   if impl == "pallas":
     f = lambda q, k, v: flash_attention(q, k, v, causal=causal, sm_scale=scale,
-                                        block_sizes=blocks)
+                                        block_sizes=blocks, interpret=interpret)
   elif impl == "cudnn":
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                                      implementation="cudnn")
@@ -109,7 +133,7 @@ def make_inputs(B, S, H, K, D, n_sets=2, repeat_kv=False):
   return sets
 
 
-def run_shape(B, H, K, S, D, causal, impls, rows, blocks=None, label=None):
+def run_shape(B, H, K, S, D, causal, impls, rows, blocks=None, label=None, interpret=False):
   scale = D ** -0.5
   base = make_inputs(B, S, H, K, D)
   rep = None
@@ -119,14 +143,27 @@ def run_shape(B, H, K, S, D, causal, impls, rows, blocks=None, label=None):
     if impl == "jax_mha" and rep is None:
       rep = [(q, jnp.repeat(k, H // K, 2), jnp.repeat(v, H // K, 2), do) for q, k, v, do in base]
     sets = rep if impl == "jax_mha" else base
-    fwd, fb = attention_fns(impl, causal, scale, blocks)
+    modes = ("fwd", "fwd+bwd")
+    name, blk = impl, blocks
+    if impl in VARIANTS:
+      overrides, modes = VARIANTS[impl]
+      blk = (blocks or lookup_block_sizes("triton", D, jnp.bfloat16, S, causal)).replace(
+          **overrides)
+      impl = "pallas"
+    elif impl == "jax_mha":
+      modes = tuple(FLAGS.mha_modes.split(","))
+    elif impl not in PEERS:
+      raise ValueError(f"--impls: unknown {impl!r}; known: {sorted(VARIANTS) + list(PEERS)}")
+    fwd, fb = attention_fns(impl, causal, scale, blk, interpret=interpret)
     for mode, fn, args in (("fwd", fwd, [s[:3] for s in sets]), ("fwd+bwd", fb, sets)):
+      if mode not in modes:
+        continue
       try:
         sec = time_fn(fn, args)
         err = None
       except Exception as e:  # pylint: disable=broad-except
         sec, err = float("nan"), f"{type(e).__name__}: {str(e)[:200]}"
-      row = dict(impl=label or impl, D=D, S=S, causal=causal, mode=mode, ms=sec * 1e3,
+      row = dict(impl=label or name, D=D, S=S, causal=causal, mode=mode, ms=sec * 1e3,
                  tflops=flops(B, H, S, D, causal, mode) / sec / 1e12 if sec == sec else None,
                  error=err)
       rows.append(row)
@@ -155,6 +192,40 @@ def table(rows, B, H, K):
   return "\n".join(out)
 
 
+def variant_table(rows, B, H, K):
+  """Compact table over every timed impl: TF/s, and for our variants the ratio to cuDNN (and,
+  forward only, to jax's mha)."""
+  rows = [r for r in rows if r["mode"] in ("fwd", "fwd+bwd")]
+  impls = list(dict.fromkeys(r["impl"] for r in rows))
+  keyed = {(r["D"], r["S"], r["causal"], r["mode"], r["impl"]): r for r in rows}
+  out = [f"B={B}, H={H}, KV heads={K} (GQA {H // K}:1), bf16, {jax.devices()[0].device_kind}, "
+         f"jax {jax.__version__}; TF/s [x cuDNN, x jax mha (fwd)]", "",
+         "| D | S | causal | mode | " + " | ".join(impls) + " |",
+         "|---|---|---|---|" + "---|" * len(impls)]
+  shapes = sorted({(r["D"], r["S"], r["causal"], r["mode"]) for r in rows},
+                  key=lambda x: (-x[0], x[3], x[1], not x[2]))
+  for D, S, c, m in shapes:
+    tf = lambda i: (keyed.get((D, S, c, m, i)) or {}).get("tflops")
+    cells = []
+    for i in impls:
+      r = keyed.get((D, S, c, m, i))
+      if r is None:
+        cells.append("")
+        continue
+      if r["tflops"] is None:
+        cells.append("err" if r.get("error") else "-")
+        continue
+      cell = f"{r['tflops']:.0f}"
+      if i not in PEERS:
+        extra = [f"{r['tflops'] / tf(p):.2f}" for p in ("cudnn", "jax_mha")
+                 if tf(p) and (p == "cudnn" or m == "fwd")]
+        if extra:
+          cell += " [" + ", ".join(extra) + "]"
+      cells.append(cell)
+    out.append(f"| {D} | {S} | {'yes' if c else 'no'} | {m} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
 def backward_breakdown(B, H, K, S, D, causal, rows):
   """fwd + dQ kernel only (grad wrt q) and fwd + dK/dV kernel only (grad wrt k, v): XLA drops
   the unused pallas_call, so these split the backward time between our two kernels."""
@@ -178,16 +249,23 @@ def main(argv):
   rows = []
   t0 = time.time()
   os.makedirs(FLAGS.out_dir, exist_ok=True)
+  blocks = None
+  if FLAGS.tiny:  # CPU smoke test of the plumbing: interpret mode, tiny tiles
+    blocks = BlockSizes(block_q=16, block_k=16, dq_block_q=16, dq_block_k=16, dkv_block_q=16,
+                        dkv_block_k=16)
+  generic = any(i not in ("pallas",) + PEERS for i in impls)
+  render = variant_table if generic else table
+  causals = [{"true": True, "false": False}[c] for c in FLAGS.causal.split(",")]
   for D in [int(x) for x in FLAGS.head_dims.split(",")]:
     for S in [int(x) for x in FLAGS.seqs.split(",")]:
-      for causal in (True, False):
+      for causal in causals:
         if time.time() - t0 > FLAGS.time_budget_s:
           print(f"time budget reached; skipping D={D} S={S} causal={causal}", flush=True)
           continue
-        run_shape(B, H, K, S, D, causal, impls, rows)
+        run_shape(B, H, K, S, D, causal, impls, rows, blocks=blocks, interpret=FLAGS.tiny)
         with open(os.path.join(FLAGS.out_dir, "attention_bench.json"), "w") as f:
           json.dump(rows, f, indent=1)
-        md = table(rows, B, H, K)
+        md = render(rows, B, H, K)
         with open(os.path.join(FLAGS.out_dir, "attention_bench.md"), "w") as f:
           f.write(md + "\n")
   if FLAGS.breakdown:
@@ -196,7 +274,7 @@ def main(argv):
       backward_breakdown(B, H, K, S, 128, causal, extra)
     with open(os.path.join(FLAGS.out_dir, "attention_breakdown.json"), "w") as f:
       json.dump(extra, f, indent=1)
-  print(table(rows, B, H, K))
+  print(render(rows, B, H, K))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ class KernelConfig:
   rescale_threshold: Optional[float]  # FA4 conditional rescaling (log2 units); None = always
   interpret: bool
   exact_f32: bool = False  # float32 inputs: IEEE fp32 dots (no TF32 on GPU)
+  # Triton: in tiles that need no mask, exponentiate exp2(qkᵀ * c - m) with c = scale * log2(e)
+  # (one FMA per score) instead of scaling the scores first and subtracting after (mul + sub).
+  fma_softmax: bool = False
 
   @property
   def offset(self) -> int:
@@ -104,6 +107,17 @@ def logits(q_MH, k_NH, cfg: KernelConfig):
     return s_MN * (cfg.sm_scale * cfg.logit_unit), None
   th_MN = jnp.tanh(s_MN * (cfg.sm_scale / cfg.softcap))
   return th_MN * (cfg.softcap * cfg.logit_unit), th_MN
+
+
+def folds_scale(cfg: KernelConfig) -> bool:
+  """True when unmasked tiles use the FMA form `exp(raw * c - m)` (no softcap: tanh needs the
+  scaled logits)."""
+  return cfg.fma_softmax and cfg.softcap is None
+
+
+def logit_factor(cfg: KernelConfig) -> float:
+  """c with `softmax-domain logit = c * q.k` (no softcap)."""
+  return cfg.sm_scale * cfg.logit_unit
 
 
 def needs_kv_pad_mask(cfg: KernelConfig, padded_kv_len: int) -> bool:

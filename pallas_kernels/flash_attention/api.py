@@ -52,6 +52,11 @@ class BlockSizes:
   rescale_threshold: Optional[float] = None
   heads_per_tile: Optional[int] = None  # Triton: max query heads of one group per tile
   dkv_transposed: bool = False  # Triton dK/dV kernel on transposed scores K Qᵀ
+  # Triton backward: True = the dK/dV kernel also accumulates dQ with float32 atomics (FA2's
+  # scheme, 5 matmuls; the dq_* fields are then unused); False = separate dQ kernel (7 matmuls).
+  dq_atomic: bool = False
+  # Triton: FMA-folded softmax exponent in unmasked tiles (forward and backward kernels).
+  fma_softmax: bool = False
 
 
   def replace(self, **kw) -> "BlockSizes":
@@ -119,8 +124,10 @@ def _triton_tiles(blk: BlockSizes, T: int, S: int, G: int):
     out.update({prefix + "gp": gp, prefix + "bq": bq, prefix + "bn": bn,
                 prefix + "warps": warps, prefix + "stages": stages})
   out["dkv_transposed"] = blk.dkv_transposed
-  Tp = _round_up(T, max(out["bq"], out["dq_bq"], out["dkv_bq"]))
-  Sp = _round_up(S, max(out["bn"], out["dq_bn"], out["dkv_bn"]))
+  out["dq_atomic"] = blk.dq_atomic
+  used = ("", "dkv_") if blk.dq_atomic else ("", "dq_", "dkv_")  # dq_* tiles unused with atomics
+  Tp = _round_up(T, max(out[p + "bq"] for p in used))
+  Sp = _round_up(S, max(out[p + "bn"] for p in used))
   return out, Tp, Sp
 
 
@@ -244,6 +251,9 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, window=N
   if backend == "mosaic_tpu" and jax.default_backend() != "tpu" and not interpret:
     raise ValueError("flash_attention: backend='mosaic_tpu' needs a TPU; on "
                      f"{jax.default_backend()!r} pass interpret=True (tests only)")
+  if block_sizes is not None and block_sizes.dq_atomic and backend != "triton":
+    raise ValueError(f"flash_attention: block_sizes.dq_atomic=True needs backend='triton' "
+                     f"(float32 atomics); backend {backend!r} has only the two-kernel backward")
   if softcap is not None and not softcap > 0:
     raise ValueError(f"flash_attention: softcap must be > 0 or None, got {softcap}")
   win = normalize_window(window, causal)
@@ -260,6 +270,7 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, window=N
       left=left, right=right, softcap=None if softcap is None else float(softcap),
       has_segments=q_seg is not None, use_exp2=blk.use_exp2,
       rescale_threshold=blk.rescale_threshold, interpret=bool(interpret),
+      fma_softmax=blk.fma_softmax and backend == "triton",
       exact_f32=q.dtype == jnp.float32)
   if backend == "triton":
     tiles, Tp, Sp = _triton_tiles(blk, T, S, N // K)

@@ -8,15 +8,31 @@ D = rowsum(dO ∘ O), dQ = dS K, dK = dSᵀ Q). FlashAttention-4 ideas (the flas
 `flash_attn/cute`, no arXiv paper): exp2 with log2(e) folded into the logit scale, and
 conditional rescaling (skip the O/l rescale unless the running max grew by more than a threshold,
 8.0 in log2 units), both switchable through `KernelConfig` and measured in
-`experiments/bench_attention.py`.
+`experiments/bench_attention.py`. Optional (`BlockSizes.fma_softmax`, as in Triton's
+fused-attention tutorial): in tiles that need no mask the running max is taken over the raw
+scores and the exponent is formed as raw * c - m, one FMA per score instead of a multiply and a
+subtract (c = scale * log2(e)); the softmax part of the loop is issue-bound on Hopper (exp -> exp2
+alone gave +11%), so one instruction less per score should show.
 
 Choices where the papers leave room:
   * GQA: one program owns `gp` query heads of one KV group (gp = largest power of two dividing
     G, capped by the tile), so each K/V tile is loaded once for all gp heads; the q tile is the
     [block_q, gp, H] slab reshaped to [block_q * gp, H] rows ordered (t, g).
-  * Backward = two kernels (no atomics): dK/dV parallel over key tiles, looping over every query
-    head of the group and the visible query tiles; dQ parallel over query tiles. The dK/dV
-    kernel comes in two orientations (`BlockSizes.dkv_transposed`): scores S = Q Kᵀ [M, bn]
+  * Backward, two options (`BlockSizes.dq_atomic`):
+      - False (default): two kernels, no atomics. dK/dV parallel over key tiles, looping over
+        every query head of the group and the visible query tiles; dQ parallel over query tiles.
+        The dQ kernel recomputes S = Q Kᵀ and dP = dO Vᵀ: 7 matmuls per (query, key) tile pair.
+      - True: FlashAttention-2's own scheme (Algorithm 2: the dQ_i <- dQ_i + dS_ij K_j update
+        inside the key-tile loop; Sec. 3.2: thread blocks communicate through atomic adds): the
+        dK/dV kernel also forms dS_ij K_j and adds it with `atomic_add` into a zero-initialised
+        float32 [B, Tp, N, H] buffer (passed in and aliased to an output), so dQ costs one
+        matmul and no recomputation: 5 matmuls. Several key tiles (and, with GQA, never two
+        query heads) add into the same dQ rows, hence the atomics; the summation order is not
+        fixed, so dQ is not bitwise reproducible run to run. The scale and the cast to the
+        input dtype are applied by XLA afterwards (one fused elementwise pass). Costs: the
+        fp32 atomics move 2 * 4 * B * Tp * N * H bytes per visited key tile through L2, and the
+        dK/dV kernel holds one more [block_q, H] fp32 tile (so it wants 8 warps at H = 128).
+    The dK/dV kernel comes in two orientations (`BlockSizes.dkv_transposed`): scores S = Q Kᵀ [M, bn]
     (default) or Sᵀ = K Qᵀ [bn, M]; the tuned table picks per shape (H200: the transposed one
     wins for D=128 without masks at S <= 4k and loses with causal masks). D is computed
     by XLA (a cheap fused reduction).
@@ -98,15 +114,21 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *,
     sl = pl.ds(j * bn, bn)
     kseg = kseg_ref[sl][None, :] if cfg.has_segments else None
 
+    fold = C.folds_scale(cfg) and not masked
+
     def compute(carry):
       m_i, l_i, acc = carry
-      s, _ = C.logits(q, k_ref[sl, :], cfg)
-      if masked:
-        kpos = j * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
-        mask = C.block_mask(qpos, kpos, qseg, kseg, cfg, kv_padded)
-        if mask is not None:
-          s = jnp.where(mask, s, C.MASK_VALUE)
-      m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+      if fold:  # raw scores; m in the scaled domain (c > 0 commutes with max)
+        s = C.dot_nt(q, k_ref[sl, :], cfg)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1) * C.logit_factor(cfg))
+      else:
+        s, _ = C.logits(q, k_ref[sl, :], cfg)
+        if masked:
+          kpos = j * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
+          mask = C.block_mask(qpos, kpos, qseg, kseg, cfg, kv_padded)
+          if mask is not None:
+            s = jnp.where(mask, s, C.MASK_VALUE)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
       if cfg.rescale_threshold is None:
         alpha = exp(m_i - m_new)
         l_i = l_i * alpha
@@ -120,7 +142,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *,
         grow = jnp.max(m_new - m_i)
         m_i, l_i, acc = lax.cond(grow > cfg.rescale_threshold, rescale, lambda c: c,
                                  (m_i, l_i, acc))
-      p = exp(s - m_i[:, None])
+      p = exp(s * C.logit_factor(cfg) - m_i[:, None]) if fold else exp(s - m_i[:, None])
       l_i = l_i + jnp.sum(p, axis=1)
       v = v_ref[sl, :]
       acc = acc + C.dot_nn(p.astype(v.dtype), v, cfg)
@@ -187,6 +209,24 @@ def forward(q5, k4, v4, qseg, kseg, cfg: C.KernelConfig, blk: dict):
 
 # ---------------------------------------------------------------------------------- backward
 
+def _probs(a, b, lse, mask_fn, cfg: C.KernelConfig, masked: bool, lse_axis: int):
+  """P = exp(logits(a bᵀ) - lse) for one tile, and tanh for the softcap derivative (or None).
+
+  `lse` broadcasts along `lse_axis` (1: rows are queries; 0: columns are, transposed tiles);
+  `mask_fn()` gives the tile's mask (or None). Unmasked tiles with `fma_softmax` use one FMA.
+  """
+  lse_b = lse[:, None] if lse_axis == 1 else lse[None, :]
+  exp = C.exp_fn(cfg)
+  if C.folds_scale(cfg) and not masked:
+    return exp(C.dot_nt(a, b, cfg) * C.logit_factor(cfg) - lse_b), None
+  s, th = C.logits(a, b, cfg)
+  if masked:
+    mask = mask_fn()
+    if mask is not None:
+      s = jnp.where(mask, s, C.MASK_VALUE)
+  return exp(s - lse_b), th
+
+
 def _ds(p, dp, delta, th, cfg):
   ds = p * (dp - delta[:, None])
   if cfg.softcap is not None:
@@ -196,7 +236,6 @@ def _ds(p, dp, delta, th, cfg):
 
 def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
                cfg: C.KernelConfig, bq: int, gp: int, bn: int, nk: int, padded_kv: int):
-  exp = C.exp_fn(cfg)
   i = pl.program_id(0)
   t0 = i * bq
   q = _rows(q_ref[...], bq, gp)
@@ -214,13 +253,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
 
     def compute(dq):
       k = k_ref[sl, :]
-      s, th = C.logits(q, k, cfg)
-      if masked:
-        kpos = j * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
-        mask = C.block_mask(qpos, kpos, qseg, kseg, cfg, kv_padded)
-        if mask is not None:
-          s = jnp.where(mask, s, C.MASK_VALUE)
-      p = exp(s - lse[:, None])
+      mask_fn = lambda: C.block_mask(
+          qpos, j * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1), qseg, kseg, cfg, kv_padded)
+      p, th = _probs(q, k, lse, mask_fn, cfg, masked, lse_axis=1)
       dp = C.dot_nt(do, v_ref[sl, :], cfg)
       ds = _ds(p, dp, delta, th, cfg)
       return dq + C.dot_nn(ds.astype(k.dtype), k, cfg)
@@ -234,10 +269,25 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
   dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype).reshape(q_ref.shape)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
-                 dk_ref, dv_ref, *, cfg: C.KernelConfig, bq: int, gp: int, bn: int, nq: int,
-                 padded_kv: int):
-  exp = C.exp_fn(cfg)
+def _dkdv_outputs(rest, dq_atomic: bool):
+  """(dk_ref, dv_ref, dq_ref or None) from the refs after delta_ref."""
+  if dq_atomic:
+    _, dk_ref, dv_ref, dq_ref = rest  # rest[0] is the aliased dQ input (same buffer as dq_ref)
+    return dk_ref, dv_ref, dq_ref
+  dk_ref, dv_ref = rest
+  return dk_ref, dv_ref, None
+
+
+def _dq_atomic_add(dq_ref, sl, hs, dq_MH, bq: int, gp: int):
+  """dq_ref[sl, hs, :] += dq tile ((t, g)-ordered rows), with atomics (FA2's dQ update)."""
+  plgpu.atomic_add(dq_ref, (sl, hs, slice(None)), dq_MH.reshape(bq, gp, dq_MH.shape[-1]))
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, *rest,
+                 cfg: C.KernelConfig, bq: int, gp: int, bn: int, nq: int, padded_kv: int,
+                 dq_atomic: bool = False):
+  """dK, dV for one key tile (scores S = Q Kᵀ [M, bn]); with `dq_atomic` also dQ (atomics)."""
+  dk_ref, dv_ref, dq_ref = _dkdv_outputs(rest, dq_atomic)
   j = pl.program_id(0)
   s0 = j * bn
   G = cfg.group
@@ -262,17 +312,15 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta
         do = _rows(do_ref[sl, hs, :], bq, gp)
         lse = _rows(lse_ref[sl, hs], bq, gp)
         delta = _rows(delta_ref[sl, hs], bq, gp)
-        s, th = C.logits(q, k, cfg)
-        if masked:
-          qpos = _row_positions(i * bq, bq, gp, cfg.offset)
-          mask = C.block_mask(qpos, kpos, qseg, kseg, cfg, kv_padded)
-          if mask is not None:
-            s = jnp.where(mask, s, C.MASK_VALUE)
-        p = exp(s - lse[:, None])
+        mask_fn = lambda: C.block_mask(_row_positions(i * bq, bq, gp, cfg.offset), kpos, qseg,
+                                       kseg, cfg, kv_padded)
+        p, th = _probs(q, k, lse, mask_fn, cfg, masked, lse_axis=1)
         dv = dv + C.dot_tn(p.astype(do.dtype), do, cfg)
         dp = C.dot_nt(do, v, cfg)
-        ds = _ds(p, dp, delta, th, cfg)
-        dk = dk + C.dot_tn(ds.astype(q.dtype), q, cfg)
+        ds = _ds(p, dp, delta, th, cfg).astype(q.dtype)
+        dk = dk + C.dot_tn(ds, q, cfg)
+        if dq_ref is not None:
+          _dq_atomic_add(dq_ref, sl, hs, C.dot_nn(ds, k, cfg), bq, gp)
         return dk, dv
 
       if cfg.has_segments:
@@ -291,13 +339,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dkdv_kernel_transposed(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
-                 dk_ref, dv_ref, *, cfg: C.KernelConfig, bq: int, gp: int, bn: int, nq: int,
-                 padded_kv: int):
+def _dkdv_kernel_transposed(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
+                            delta_ref, *rest, cfg: C.KernelConfig, bq: int, gp: int, bn: int,
+                            nq: int, padded_kv: int, dq_atomic: bool = False):
   """dK, dV for one key tile. Works on transposed scores sT = K Qᵀ [bn, M] (as Triton's own
   fused-attention tutorial does) so that dV += Pᵀ dO and dK += dSᵀ Q need no register-tile
-  transpose; only the loaded Q / dO operands are read transposed."""
-  exp = C.exp_fn(cfg)
+  transpose; only the loaded Q / dO operands are read transposed. With `dq_atomic` also
+  dQ += dSᵀᵀ K through atomics."""
+  dk_ref, dv_ref, dq_ref = _dkdv_outputs(rest, dq_atomic)
   j = pl.program_id(0)
   s0 = j * bn
   G = cfg.group
@@ -323,19 +372,18 @@ def _dkdv_kernel_transposed(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse
         do = _rows(do_ref[sl, hs, :], bq, gp)
         lse = _rows(lse_ref[sl, hs], bq, gp)
         delta = _rows(delta_ref[sl, hs], bq, gp)
-        st, th = C.logits(k, q, cfg)  # [bn, M]
-        if masked:
-          qpos = _row_positions(i * bq, bq, gp, cfg.offset).reshape(1, M)
-          mask = C.block_mask(qpos, kpos, qseg, kseg, cfg, kv_padded)
-          if mask is not None:
-            st = jnp.where(mask, st, C.MASK_VALUE)
-        pt = exp(st - lse[None, :])
+        mask_fn = lambda: C.block_mask(_row_positions(i * bq, bq, gp, cfg.offset).reshape(1, M),
+                                       kpos, qseg, kseg, cfg, kv_padded)
+        pt, th = _probs(k, q, lse, mask_fn, cfg, masked, lse_axis=0)  # [bn, M]
         dv = dv + C.dot_nn(pt.astype(do.dtype), do, cfg)
         dpt = C.dot_nt(v, do, cfg)
         dst = pt * (dpt - delta[None, :])
         if cfg.softcap is not None:
           dst = dst * (1.0 - th * th)
-        dk = dk + C.dot_nn(dst.astype(q.dtype), q, cfg)
+        dst = dst.astype(q.dtype)
+        dk = dk + C.dot_nn(dst, q, cfg)
+        if dq_ref is not None:
+          _dq_atomic_add(dq_ref, sl, hs, C.dot_tn(dst, k, cfg), bq, gp)
         return dk, dv
 
       if cfg.has_segments:
@@ -356,12 +404,23 @@ def _dkdv_kernel_transposed(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse
 
 def backward(q4, k4, v4, qseg, kseg, o4, lse4, do4, cfg: C.KernelConfig, blk: dict):
   """Gradients (dq, dk, dv) for padded arrays q4/do4/o4 [B,Tp,N,H], k4/v4 [B,Sp,K,H]."""
+  B, Tp, N, _ = q4.shape
+  delta = jnp.sum(o4.astype(jnp.float32) * do4.astype(jnp.float32), axis=-1)  # [B, Tp, N]
+  lse = lse4.reshape(B, Tp, N)
+  if blk.get("dq_atomic", False):
+    dk, dv, dq_acc = _dkdv_call(q4, k4, v4, qseg, kseg, do4, lse, delta, cfg, blk,
+                                dq_atomic=True)
+    return (dq_acc * cfg.sm_scale).astype(q4.dtype).reshape(q4.shape), dk, dv
+  dq5 = _dq_call(q4, k4, v4, qseg, kseg, do4, lse, delta, cfg, blk)
+  dk, dv = _dkdv_call(q4, k4, v4, qseg, kseg, do4, lse, delta, cfg, blk, dq_atomic=False)
+  return dq5.reshape(q4.shape), dk, dv
+
+
+def _dq_call(q4, k4, v4, qseg, kseg, do4, lse, delta, cfg: C.KernelConfig, blk: dict):
+  """Separate dQ kernel (two-kernel backward): dq [B, Tp, N/gp, gp, H] in q's dtype."""
   B, Tp, N, H = q4.shape
   Sp, K = k4.shape[1], k4.shape[2]
   G = N // K
-  delta = jnp.sum(o4.astype(jnp.float32) * do4.astype(jnp.float32), axis=-1)  # [B, Tp, N]
-  lse = lse4.reshape(B, Tp, N)
-
   # dQ: like the forward, one program per (query tile, batch, head chunk).
   gp, bq, bn = blk["dq_gp"], blk["dq_bq"], blk["dq_bn"]
   NP, nq, nk = N // gp, Tp // bq, Sp // bn
@@ -389,8 +448,16 @@ def backward(q4, k4, v4, qseg, kseg, o4, lse4, do4, cfg: C.KernelConfig, blk: di
                                     bytes_accessed=q4.dtype.itemsize * 4 * q4.size),
       interpret=cfg.interpret, name="flash_dq_triton",
   )(r5(q4), k4, v4, qseg, kseg, r5(do4), r5(lse), r5(delta))
+  return dq5
 
-  # dK/dV: one program per (key tile, batch, kv head), looping over all G heads of the group.
+
+def _dkdv_call(q4, k4, v4, qseg, kseg, do4, lse, delta, cfg: C.KernelConfig, blk: dict, *,
+               dq_atomic: bool):
+  """dK/dV kernel: one program per (key tile, batch, kv head), looping over all G heads of the
+  group. Returns (dk, dv), plus the float32 unscaled dQ sum [B, Tp, K, G, H] with `dq_atomic`."""
+  B, Tp, N, H = q4.shape
+  Sp, K = k4.shape[1], k4.shape[2]
+  G = N // K
   gp, bq, bn = blk["dkv_gp"], blk["dkv_bq"], blk["dkv_bn"]
   nq, nk = Tp // bq, Sp // bn
   r5 = lambda x: x.reshape(B, Tp, K, G, *x.shape[3:])
@@ -407,15 +474,27 @@ def backward(q4, k4, v4, qseg, kseg, o4, lse4, do4, cfg: C.KernelConfig, blk: di
   specs += [pl.BlockSpec((None, Tp, None, G, H), fullq), pl.BlockSpec((None, Tp, None, G), fulll),
             pl.BlockSpec((None, Tp, None, G), fulll)]
   kernel = _dkdv_kernel_transposed if blk["dkv_transposed"] else _dkdv_kernel
-  dk, dv = pl.pallas_call(
-      functools.partial(kernel, cfg=cfg, bq=bq, gp=gp, bn=bn, nq=nq, padded_kv=Sp),
-      grid=(nk, B, K), in_specs=specs,
-      out_specs=[pl.BlockSpec((None, bn, None, H), kvmap), pl.BlockSpec((None, bn, None, H), kvmap)],
-      out_shape=[jax.ShapeDtypeStruct(k4.shape, k4.dtype), jax.ShapeDtypeStruct(v4.shape, v4.dtype)],
+  out_specs = [pl.BlockSpec((None, bn, None, H), kvmap), pl.BlockSpec((None, bn, None, H), kvmap)]
+  out_shape = [jax.ShapeDtypeStruct(k4.shape, k4.dtype), jax.ShapeDtypeStruct(v4.shape, v4.dtype)]
+  args = [r5(q4), k4, v4, qseg, kseg, r5(do4), r5(lse), r5(delta)]
+  aliases = {}
+  nbytes = q4.dtype.itemsize * 4 * q4.size
+  if dq_atomic:
+    # Zero-initialised float32 dQ accumulator, the same buffer in and out (input_output_aliases).
+    specs.append(pl.BlockSpec((None, Tp, None, G, H), fullq))
+    out_specs.append(pl.BlockSpec((None, Tp, None, G, H), fullq))
+    out_shape.append(jax.ShapeDtypeStruct((B, Tp, K, G, H), jnp.float32))
+    args.append(jnp.zeros((B, Tp, K, G, H), jnp.float32))
+    aliases = {len(jax.tree.leaves(args)) - 1: 2}  # flat index: absent segment ids are None
+    nbytes += 4 * q4.size * 2 * pl.cdiv(Sp, bn)  # every key tile reads+writes its dQ rows
+  outs = pl.pallas_call(
+      functools.partial(kernel, cfg=cfg, bq=bq, gp=gp, bn=bn, nq=nq, padded_kv=Sp,
+                        dq_atomic=dq_atomic),
+      grid=(nk, B, K), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=compiler_params(blk["dkv_warps"], blk["dkv_stages"]),
-      cost_estimate=pl.CostEstimate(flops=8 * B * N * Tp * Sp * H,
-                                    transcendentals=B * N * Tp * Sp,
-                                    bytes_accessed=q4.dtype.itemsize * 4 * q4.size),
-      interpret=cfg.interpret, name="flash_dkdv_triton",
-  )(r5(q4), k4, v4, qseg, kseg, r5(do4), r5(lse), r5(delta))
-  return dq5.reshape(q4.shape), dk, dv
+      cost_estimate=pl.CostEstimate(flops=(10 if dq_atomic else 8) * B * N * Tp * Sp * H,
+                                    transcendentals=B * N * Tp * Sp, bytes_accessed=nbytes),
+      interpret=cfg.interpret, name="flash_dkdvdq_triton" if dq_atomic else "flash_dkdv_triton",
+  )(*args)
+  return tuple(outs)

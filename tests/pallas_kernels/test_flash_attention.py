@@ -108,6 +108,33 @@ TRITON_CASES = [
                       softcap=5.0), id="transposed-dkv-causal-seg-softcap"),
     pytest.param(1, 50, 50, 4, 2, 64, dict(blocks=SMALL.replace(dkv_transposed=True)),
                  id="transposed-dkv-unmasked"),
+    # Atomic dQ (dK/dV kernel accumulates dQ with atomic_add): dkv_block_q=32/64 gives 2/4 query
+    # heads per tile, so the head-chunk loop and the (t, g)-row reshape of the dQ tile are hit.
+    pytest.param(1, 129, 129, 4, 1, 64,
+                 dict(blocks=SMALL.replace(dq_atomic=True, dkv_block_q=32), causal=True,
+                      softcap=5.0), id="atomic-dq-gqa4-causal-softcap"),
+    pytest.param(1, 100, 131, 4, 2, 64,
+                 dict(blocks=SMALL.replace(dq_atomic=True, dkv_transposed=True, dkv_block_q=32),
+                      seg="pair", window=(20, 9)), id="atomic-dq-transposed-seg-window"),
+    pytest.param(1, 7, 129, 8, 1, 64,
+                 dict(blocks=SMALL.replace(dq_atomic=True, dkv_block_q=64), causal=True,
+                      window=40), id="atomic-dq-decode-mqa8-window"),
+    pytest.param(1, 50, 30, 4, 4, 64,
+                 dict(blocks=SMALL.replace(dq_atomic=True), causal=True, window=(None, 5)),
+                 id="atomic-dq-T>S-fully-masked-rows"),
+    pytest.param(1, 77, 77, 4, 2, 64,
+                 dict(blocks=SMALL.replace(dq_atomic=True, dkv_block_q=32),
+                      dtype=jnp.bfloat16, seg="single", causal=True), id="atomic-dq-bf16-seg"),
+    # FMA-folded softmax exponent (only in tiles without a mask: S multiple of the tile, or the
+    # interior of a causal band), alone and with the atomic-dQ / transposed backward.
+    pytest.param(1, 64, 96, 4, 2, 64, dict(blocks=SMALL.replace(fma_softmax=True)),
+                 id="fma-unmasked-gqa2"),
+    pytest.param(1, 100, 131, 4, 1, 64,
+                 dict(blocks=SMALL.replace(fma_softmax=True, dq_atomic=True, dkv_block_q=32),
+                      causal=True, window=(50, None)), id="fma-atomic-causal-window-pad"),
+    pytest.param(1, 80, 80, 2, 1, 128,
+                 dict(blocks=SMALL.replace(fma_softmax=True, dq_atomic=True, dkv_transposed=True),
+                      scale=100.0), id="fma-atomic-transposed-extreme-logits"),
 ]
 
 
@@ -158,6 +185,9 @@ def test_bad_arguments_raise():
     flash_attention(q, q, q, backend="cuda", interpret=True)
   with pytest.raises(ValueError, match="window"):
     flash_attention(q, q, q, window=(-1, 2), interpret=True)
+  with pytest.raises(ValueError, match="dq_atomic"):
+    flash_attention(q, q, q, backend="mosaic_tpu", interpret=True,
+                    block_sizes=BlockSizes(dq_atomic=True))
 
 
 GPU_SWEEP = [
@@ -178,6 +208,29 @@ def test_gpu_sweep_default_blocks(B, T, S, N, K, H, kw):
   kw = dict(kw)
   kw.setdefault("dtype", jnp.bfloat16)
   _check(B, T, S, N, K, H, backend="triton", blocks=None, **kw)
+
+
+GPU_ATOMIC = [
+    pytest.param(2, 1000, 1000, 8, 2, 128, dict(causal=True), id="gpu-atomic-1000-causal-gqa4"),
+    pytest.param(1, 1000, 1000, 8, 8, 64, dict(seg="single", window=(300, 40)),
+                 id="gpu-atomic-1000-seg-window"),
+    pytest.param(2, 777, 777, 16, 4, 128, dict(dtype=jnp.float16, softcap=30.0, transposed=True),
+                 id="gpu-atomic-fp16-softcap-transposed"),
+    pytest.param(1, 333, 2048, 8, 1, 128, dict(dtype=jnp.float32, causal=True, window=(256, None)),
+                 id="gpu-atomic-chunked-prefill-f32"),
+]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("B,T,S,N,K,H,kw", GPU_ATOMIC)
+def test_gpu_atomic_dq_tuned_blocks(B, T, S, N, K, H, kw):
+  """The atomic-dQ backward compiled for the GPU with the tuned tiles of that shape."""
+  from pallas_kernels.flash_attention import lookup_block_sizes  # pylint: disable=g-import-not-at-top
+  kw = dict(kw)
+  kw.setdefault("dtype", jnp.bfloat16)
+  blocks = lookup_block_sizes("triton", H, kw["dtype"], max(T, S), bool(kw.get("causal")))
+  blocks = blocks.replace(dq_atomic=True, dkv_transposed=kw.pop("transposed", False))
+  _check(B, T, S, N, K, H, backend="triton", blocks=blocks, **kw)
 
 
 # ------------------------------------------------------------ effjax.attention.flash dispatch
