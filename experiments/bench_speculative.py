@@ -10,7 +10,11 @@ each as the same jitted program: `effjax.decode.generate.generate` with `drafter
 `--reps` runs after one compile-and-warm-up run, a fresh prompt set and key per run, timed around
 `block_until_ready`; the compile is excluded), τ (mean accepted + 1 per target call, the decoders' own statistic), the
 speed-up over plain decoding in the same run, and for greedy runs whether the speculative outputs
-equal the plain greedy output token for token.
+equal the plain greedy output token for token; where a row differs, the first differing token and
+the target's top-1 - top-2 logit gap there (`divergence`): in bf16 the verification pass (γ+1
+positions, matrix-matrix kernels) and the one-token decode step (matrix-vector kernels, the
+split-K decode-attention kernel) round differently, so a near-tie can flip; the CPU float32
+tests check exact equality.
 
 The models come from configs/dflash.py (`target`, `draft_lm`, and the drafter trained by
 experiments/train_dflash.py). Missing target / draft LM params are trained first
@@ -23,6 +27,7 @@ GPU (issue scale): python -m experiments.bench_speculative --config=configs/dfla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -52,6 +57,8 @@ _PROMPT = flags.DEFINE_integer("prompt_len", 32, "Prompt length (tokens, BOS inc
 _GAMMA = flags.DEFINE_integer("draft_gamma", 4, "γ of draft-model speculation.")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed runs per cell (median reported).")
 _OUT = flags.DEFINE_string("out", "results/speculative", "Output prefix (.md and .json).")
+_F32 = flags.DEFINE_bool("f32_check", True, "Also decode greedily with the target computing in "
+                         "float32 (full-precision matmuls) and check speculative == plain there.")
 
 
 def make_prompts(batcher: LMBatcher, batch: int, length: int, rep: int) -> np.ndarray:
@@ -80,6 +87,32 @@ def time_decoder(run, batcher, batch, length, reps):
     outs.append(out)
   taus = [float(o.mean_accept_length) for o in outs if hasattr(o, "mean_accept_length")]
   return statistics.median(times), outs, (float(np.mean(taus)) if taus else None)
+
+
+def divergence(target, t_vars, prompts, plain_tokens, spec_tokens):
+  """Where a greedy speculative output first differs from plain greedy decoding, and how close
+  the target's top-2 logits are there (one teacher-forced forward pass over the common prefix).
+
+  Returns a dict: rows, identical rows, median first-divergence index over differing rows, and
+  the largest top-1 - top-2 logit gap at those positions (a near-tie flips under a different
+  reduction order: bf16 verification of γ+1 positions vs one-token decode steps).
+  """
+  plain, spec = np.asarray(plain_tokens), np.asarray(spec_tokens)
+  diff = plain != spec
+  rows = [b for b in range(plain.shape[0]) if diff[b].any()]
+  rep = dict(rows=plain.shape[0], identical=plain.shape[0] - len(rows), first=None, max_gap=None)
+  if not rows:
+    return rep
+  firsts, gaps = [], []
+  for b in rows:
+    d = int(np.argmax(diff[b]))
+    firsts.append(d)
+    seq = np.concatenate([np.asarray(prompts[b]), plain[b, :d]])[None].astype(np.int32)
+    logits = np.asarray(target.apply(t_vars, seq)[0, -1], np.float32)
+    top2 = np.sort(logits)[-2:]
+    gaps.append(float(top2[1] - top2[0]))
+  rep.update(first=float(np.median(firsts)), max_gap=max(gaps))
+  return rep
 
 
 def main(argv):
@@ -124,9 +157,16 @@ def main(argv):
         r = res[name]
         match = ""
         if temp == 0 and name != "plain":
-          same = all(np.array_equal(np.asarray(o.tokens), np.asarray(p.tokens))
-                     for o, p in zip(r["outs"], res["plain"]["outs"]))
-          match = "yes" if same else "NO"
+          reps = [divergence(target, t_vars, make_prompts(val, b, P, i + 1), p.tokens, o.tokens)
+                  for i, (o, p) in enumerate(zip(r["outs"], res["plain"]["outs"]))]
+          n_rows = sum(d["rows"] for d in reps)
+          n_same = sum(d["identical"] for d in reps)
+          match = "yes" if n_same == n_rows else f"{n_same}/{n_rows} rows"
+          gaps = [d["max_gap"] for d in reps if d["max_gap"] is not None]
+          if gaps:
+            firsts = [d["first"] for d in reps if d["first"] is not None]
+            match += (f"; differing rows split at token ~{np.median(firsts):.0f} where the "
+                      f"target's top-2 logits differ by <= {max(gaps):.3f}")
         row = dict(batch=b, temperature=temp, decoder=name, tok_s=round(r["tok_s"], 1),
                    tau=None if r["tau"] is None else round(r["tau"], 3),
                    speedup=round(r["tok_s"] / res["plain"]["tok_s"], 3),
@@ -134,6 +174,25 @@ def main(argv):
         rows.append(row)
         print(row, flush=True)
       text = _write(header, rows)
+  if _F32.value:
+    # the same comparison with the target in float32: equality must hold up to float32 rounding
+    t32 = type(target)(dataclasses.replace(target.cfg, dtype="float32"))
+    b = max(int(x) for x in _BATCHES.value)
+    prompts = make_prompts(val, b, P, 1)
+    with jax.default_matmul_precision("float32"):
+      outs = {name: generate(t32, t_vars, prompts, max_new_tokens=N, sampler=Sampler(),
+                             key=jax.random.key(1), drafter=dr, drafter_params=dv)
+              for name, (dr, dv) in (("plain", (None, None)),
+                                     ("draft-model", (DraftModel(draft, G), d_vars)),
+                                     ("dflash", (DFlash(drafter, dcfg), f_vars)))}
+      checks = {n: divergence(t32, t_vars, prompts, outs["plain"].tokens, outs[n].tokens)
+                for n in ("draft-model", "dflash")}
+    header += ("\n\nFloat32 target (dtype float32, float32 matmuls), greedy, batch "
+               f"{b}: " + "; ".join(f"{n}: {c['identical']}/{c['rows']} rows identical to plain"
+                                    + (f" (max top-2 gap at a split {c['max_gap']:.2e})"
+                                       if c["max_gap"] is not None else "")
+                                    for n, c in checks.items()))
+    text = _write(header, rows)
   print(text, flush=True)
 
 

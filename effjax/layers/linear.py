@@ -7,9 +7,9 @@ by the rules in `effjax.sharding`. The init is a truncated normal with variance 
 fan_in is the product of the kernel dims contracted with `x`.
 
 `project(eqn, x, kernel, matvec_impl=...)` is the product itself: `jnp.einsum`, or, for few rows
-(decoding) with `matvec_impl` "pallas"/"auto", the split-K Pallas GEMV of `pallas_kernels.gemv`
-on the same weights viewed as a 2-D matrix (a free reshape: the contracted axes of `x` are its
-trailing axes and the kernel's leading ("kn") or trailing ("nk") axes, in the same order).
+(decoding) with `matvec_impl="pallas"`, the split-K Pallas GEMV of `pallas_kernels.gemv` on the
+operands viewed as 2-D matrices (a free reshape: the contracted axes of `x` are its trailing axes
+and the kernel's leading ("kn") or trailing ("nk") axes, in the same order).
 """
 
 from __future__ import annotations
@@ -49,22 +49,25 @@ def matvec_layout(eqn: str) -> tuple[str, int] | None:
   return None
 
 
-def _use_gemv(matvec_impl: str) -> bool:
-  if matvec_impl not in ("xla", "pallas", "auto"):
-    raise ValueError(f"matvec_impl: got {matvec_impl!r}, allowed: ['xla', 'pallas', 'auto']")
-  return matvec_impl == "pallas" or (matvec_impl == "auto" and jax.default_backend() == "gpu")
+MATVEC_IMPLS = ("xla", "pallas")
 
 
 def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
-  """`einsum(eqn, x, kernel)`, accumulating in float32 and returning `out_dtype` (default x's).
+  """`einsum(eqn, x, kernel)`, returning `out_dtype` (default x's; float32 accumulates in float32).
 
-  With `matvec_impl` "pallas" (or "auto" on a GPU) and at most `gemv.MAX_M` rows of `x`, the
-  product runs in `pallas_kernels.gemv.gemv` when the equation is a plain matrix product
-  (`matvec_layout`) and the shapes tile with the kernel's default blocks; otherwise in XLA. The
-  kernel runs in interpret mode off-GPU (tests).
+  `matvec_impl`:
+    * "xla": `jnp.einsum` as written, whatever the number of rows;
+    * "pallas": few-row products (at most `gemv.MAX_M` rows of `x`: decoding) whose equation is a
+      plain matrix product (`matvec_layout`) and whose shapes tile with the default blocks run in
+      `pallas_kernels.gemv.gemv` on the operands flattened to 2-D (free reshapes; interpret mode
+      off-GPU); everything else as "xla". On an H200 this is slower inside a decode step than
+      XLA, which merges q/k/v and gate/up into one GEMM each (results/decode_bench.md), so it is
+      opt-in.
   """
+  if matvec_impl not in MATVEC_IMPLS:
+    raise ValueError(f"matvec_impl: got {matvec_impl!r}, allowed: {list(MATVEC_IMPLS)}")
   want = jnp.dtype(out_dtype or x.dtype)
-  spec = matvec_layout(eqn) if _use_gemv(matvec_impl) else None
+  spec = matvec_layout(eqn) if matvec_impl == "pallas" else None
   if spec is not None:
     layout, n_con = spec
     row_shape = x.shape[:x.ndim - n_con]
@@ -78,7 +81,7 @@ def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
       y = gemv_lib.gemv(x.reshape(m, k), w2, w_layout=layout, out_dtype=want,
                         interpret=jax.default_backend() != "gpu", **blocks)
       return y.reshape(*row_shape, *out_w)
-  if out_dtype is None:  # the plain path, unchanged
+  if out_dtype is None:  # the plain path
     return jnp.einsum(eqn, x, kernel)
   return jnp.einsum(eqn, x, kernel, preferred_element_type=jnp.float32).astype(want)
 
@@ -92,7 +95,7 @@ class Einsum(nn.Module):
     axes: logical axis names of the kernel, one per dim.
     use_bias: add a bias whose shape is the kernel's non-contracted dims.
     dtype: compute dtype; param_dtype: storage dtype.
-    matvec_impl: kernel for few-row products ("xla", "pallas", "auto"; see `project`).
+    matvec_impl: kernel for few-row products ("xla" or "pallas"; see `project`).
   """
   shape: Sequence[int]
   eqn: str

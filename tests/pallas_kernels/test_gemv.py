@@ -52,6 +52,11 @@ def test_errors_name_the_argument(rng):
     gemv(x, jnp.ones((64, 32), jnp.bfloat16), mode="wmma")
 
 
+def test_project_rejects_unknown_impl():
+  with pytest.raises(ValueError, match="matvec_impl"):
+    project("BD,DF->BF", jnp.ones((1, 8)), jnp.ones((8, 4)), matvec_impl="cublas")
+
+
 def test_matvec_layout():
   assert matvec_layout("BTD,DNH->BTNH") == ("kn", 1)
   assert matvec_layout("BTNH,NHD->BTD") == ("kn", 2)
@@ -64,11 +69,13 @@ def test_matvec_layout():
 @pytest.mark.parametrize("eqn,xs,ws", [("BTD,DNH->BTNH", (2, 1, 64), (64, 4, 16)),
                                        ("BTNH,NHD->BTD", (1, 3, 4, 16), (4, 16, 96)),
                                        ("BTD,VD->BTV", (3, 1, 64), (160, 64))])
-def test_project_pallas_equals_einsum(rng, eqn, xs, ws):
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_project_equals_einsum(rng, eqn, xs, ws, impl):
   x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
   w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
   ref = jnp.einsum(eqn, x, w, precision=jax.lax.Precision.HIGHEST)
-  out = project(eqn, x, w, matvec_impl="pallas")
+  with jax.default_matmul_precision("float32"):
+    out = project(eqn, x, w, matvec_impl=impl)
   assert out.shape == ref.shape
   assert rel_err(out, ref) < 1e-5
 
