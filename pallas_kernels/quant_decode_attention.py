@@ -17,10 +17,13 @@ Attention over a quantized cache without materialising K/V (one query token per 
   TurboQuant values: sum_s p_s v_hat_s = Pi^T ( sum_s (p_s ||v_s||) c[idx_s] )
                      -> values are accumulated in the rotated space and Pi^T is applied ONCE to the
                         output (per part) after the split combine.
-  KIVI keys/values:  codes are dequantized in registers, code * scale + zero, with the (scale, zero)
-                     of each key's 32-token group (gathered [R, D] rows) or of each value's token and
-                     32-channel group ([R, 1] columns, slot order), then fed to the same tensor-core
-                     dots.
+  KIVI keys:         codes are dequantized in registers, code * scale + zero, with the (scale, zero)
+                     of each key's 32-token group (one broadcast [1, D] row per field tile when
+                     groups_per_iter = 1, gathered [R, D] rows otherwise), then dotted with q.
+  KIVI values:       sum_t p_t (code_t s_t + z_t) = dot(p * s, code) + sum_t p_t z_t per token and
+                     32-channel group: the per-token scale folds into the probabilities, so the
+                     codes enter the tensor-core dot as exact small integers (int -> float by the
+                     2^23 magic number, no per-element FMA).
 
 Kernel-side choices (ours, not the papers'):
 * Packed layout: `effjax.quant.token_packing` -- four codes per word along the token axis (uint8 words
@@ -32,7 +35,9 @@ Kernel-side choices (ours, not the papers'):
   per 32 elements).
 * Codebook lookup without gathers: a symmetric Lloyd-Max codebook c[0..n-1] (n = 2^b) is the odd
   polynomial c(x) = x * sum_k a_k x^(2k), x = 2 idx - (n-1), through its n points (a_k solved once in
-  float64 on the host, `codebook_poly_coeffs`; evaluation error ~1e-7 relative in float32). The index
+  float64 on the host, `codebook_poly_coeffs`; evaluation error ~1e-7 relative in float32). At 4 bits
+  the kernels use a 5-term fit instead of the 8-term interpolant (`FAST_CODEBOOK_TERMS`: max error
+  ~2.6e-4 relative, 8x below the bf16 rounding of the dot operand; 6 instead of 9 flops). The index
   is converted to float with the 2^23 "magic number" bit trick (the field is extracted already
   doubled, then one OR + one subtract). 3-bit codes are stored in 4-bit fields (so 3-bit costs the
   bytes of 4-bit; documented, not hidden).
@@ -43,7 +48,24 @@ Kernel-side choices (ours, not the papers'):
 * Parts whose dimension is not a power of two (96 = 64 + 32) are read as several power-of-two column
   pieces sharing the part's norm; every piece must be >= 16 wide (the Triton dot's minimum).
 * Split-K over the sequence, online softmax in base 2, LSE combine: shared with
-  `pallas_kernels/decode_attention.py`.
+  `pallas_kernels/decode_attention.py`. Grid (row, kv head, split); each program reads its
+  packed rows exactly once (d contiguous words per packed row: 64-256 B), and its G query heads
+  share every decoded tile.
+* Dot orientation (`transposed`, measured, not assumed): "qk" computes s[Gp, R] = q' y^T and
+  acc[Gp, d] += p y (the decoded codes y are the right operand: Triton converts them to the dot
+  layout through shared memory as bf16); "kq" computes s^T[R, Gp] = y q'^T and
+  acc^T[d, Gp] += y^T p^T, so the decoded codes are always the LEFT operand -- the operand Triton
+  can keep in registers (mma.sync A, or wgmma's register-A form once M = R or d >= 64), and the
+  value tile is transposed while still packed (4x fewer bytes than decoded bf16).
+* Launch tunables exposed for sweeps: `groups_per_iter` (tokens per inner-loop tile = 64 x it),
+  `num_warps`, `num_stages`, `num_splits`, `transposed`.
+* Roofline (H200, B=8, 32/8 heads, D=128, 64k): packed bytes per step are 4.125/16 (TQ-4) and
+  2.75/16 (TQ-2.5) of bf16 K+V = 553 MB / 369 MB -> ~135 us / ~90 us at ~4.1 TB/s. The decoding
+  arithmetic is the real bound: per element (K and V: 1.07e9 per step) ~2 integer ops (shift, mask
+  / LOP3), 1 FADD (magic-number int->float), 2^(b-1)+1 FMA/FMUL (odd codebook polynomial: 9 at 4
+  bits, 3 at 2 bits) and half a bf16 pack, i.e. ~13.5 (4-bit) / ~7.5 (2-bit) ops per element ->
+  ~0.45 ms / ~0.25 ms of pure ALU issue at 3.3e13 lane-ops/s. The issue's 3x / 4x targets over
+  XLA (<= 602 us / <= 451 us at 64k) therefore leave little room for layout-conversion overhead.
 * References (`turboquant_decode_reference`, `kivi_decode_reference`) dequantize to float32 with plain
   jnp (centroid gathers, explicit Pi^T) and call the dense float32 reference.
 """
@@ -68,7 +90,7 @@ from pallas_kernels.decode_attention import (LOG2E, _NEG_BIG, _next_pow2, combin
                                              decode_attention_reference, default_num_splits,
                                              split_range)
 
-__all__ = ["TQPart", "codebook_poly_coeffs", "turboquant_encode_part", "turboquant_dequantize",
+__all__ = ["TQPart", "codebook_poly_coeffs", "kernel_codebook", "FAST_CODEBOOK_TERMS", "turboquant_encode_part", "turboquant_dequantize",
            "turboquant_parts",
            "turboquant_decode_attention", "turboquant_decode_reference", "kivi_decode_attention",
            "kivi_decode_reference"]
@@ -84,11 +106,14 @@ _MAX_COEFFS = 8
 # ---------------------------------------------------------------------------------------------------
 
 
-def codebook_poly_coeffs(centroids) -> np.ndarray:
-  """Coefficients a_k (float32 [8], zero-padded) with c[i] = x * sum_k a_k x^(2k), x = 2i - (n-1).
+def codebook_poly_coeffs(centroids, num_coeffs: Optional[int] = None) -> np.ndarray:
+  """Coefficients a_k (float32 [8], zero-padded) with c[i] ~= x * sum_k a_k x^(2k), x = 2i - (n-1).
 
   `centroids` must be concrete, sorted and symmetric about 0 (Lloyd-Max codebooks for the symmetric
-  coordinate density are), with n = 2, 4, 8 or 16 entries.
+  coordinate density are), with n = 2, 4, 8 or 16 entries. num_coeffs=None (or >= n/2): the
+  interpolating polynomial through all n points (exact up to float32 evaluation). A smaller
+  num_coeffs: the odd polynomial with that many terms minimising the max RELATIVE error over the
+  n points (iteratively reweighted least squares); see `kernel_codebook` for where that is used.
   """
   c = np.asarray(centroids, np.float64)
   n = c.shape[0]
@@ -99,16 +124,43 @@ def codebook_poly_coeffs(centroids) -> np.ndarray:
   if np.max(np.abs(c + c[::-1])) > 1e-6 * np.max(np.abs(c)):
     raise ValueError("centroids must be symmetric about 0 (c[i] == -c[n-1-i])")
   h = n // 2
+  m = h if num_coeffs is None else int(num_coeffs)
+  if not 1 <= m <= _MAX_COEFFS:
+    raise ValueError(f"num_coeffs must be in [1, {_MAX_COEFFS}], got {num_coeffs!r}")
+  m = min(m, h)
   xs = 2.0 * np.arange(h, n) - (n - 1)
-  V = np.stack([xs ** (2 * k + 1) for k in range(h)], axis=1)
-  a = np.linalg.solve(V, c[h:])
+  ys = c[h:]
+  V = np.stack([xs ** (2 * k + 1) for k in range(m)], axis=1)
+  if m == h:
+    a = np.linalg.solve(V, ys)
+  else:
+    w = np.ones_like(ys)
+    for _ in range(60):  # Lawson-style IRLS towards the minimax relative error
+      a = np.linalg.lstsq(V * (w / ys)[:, None], w, rcond=None)[0]
+      r = np.abs(V @ a - ys) / ys
+      w = w * np.sqrt(r / r.max() + 1e-6)
+      w = w / w.max()
   out = np.zeros(_MAX_COEFFS, np.float32)
-  out[:h] = a
+  out[:m] = a
   return out
 
 
+# Codebooks evaluated with FEWER polynomial terms than interpolation needs (bits -> terms). At 4 bits
+# the 8-term interpolant costs 9 flops per element; 5 odd terms reproduce the Lloyd-Max centroids
+# of any d within ~2.6e-4 relative (d = 64 .. 1536, measured by `codebook_poly_coeffs`), 8x below
+# the bf16 rounding (2^-9) the value then gets for the tensor-core dot, for 6 flops.
+FAST_CODEBOOK_TERMS = {4: 5}
+
+
+def kernel_codebook(centroids, bits: int):
+  """(coeffs float32 [8], n_coeffs) the kernels use for a `bits`-bit codebook (`TQPart` fields)."""
+  m = FAST_CODEBOOK_TERMS.get(int(bits))
+  return codebook_poly_coeffs(centroids, m), (m or 0)
+
+
 def _codebook_eval(code2_u32, coeffs, n: int):
-  """c[code] for codes in [0, n) given as code2 = 2*code (uint32), from the odd-polynomial coefficients.
+  """c[code] for codes in [0, n) given as code2 = 2*code (uint32), from the odd-polynomial coefficients
+  (Horner in x^2 over len(coeffs) terms).
 
   (2^23 + 2 code) is built by OR-ing into the mantissa of 2^23; ONE subtraction of the exactly
   representable 2^23 + n - 1 then gives x2 = 2 code - (n - 1) exactly (a single constant, so no
@@ -116,7 +168,7 @@ def _codebook_eval(code2_u32, coeffs, n: int):
   """
   f = lax.bitcast_convert_type(code2_u32 | jnp.uint32(_MAGIC), jnp.float32)
   x = f - jnp.float32(8388608.0 + (n - 1))
-  h = n // 2
+  h = len(coeffs)
   if h == 1:
     return x * coeffs[0]
   u = x * x
@@ -141,7 +193,7 @@ class TQPart:
              in field j of packed row r).
   rotation:  [d, d] float32 Pi (y = Pi x, the `effjax.quant.rotation` convention).
   centroids: [2^bits] float32 codebook (sorted, symmetric).
-  coeffs:    [8] float32 `codebook_poly_coeffs(centroids)`.
+  coeffs:    [8] float32 `codebook_poly_coeffs(centroids, n_coeffs or None)`.
   bits:      code width (2, 3 or 4).
   channels:  the head-dim channels this part covers (static tuple; all parts of a K or V cache
              partition range(head_dim)).
@@ -153,10 +205,16 @@ class TQPart:
   coeffs: jax.Array
   bits: int = struct.field(pytree_node=False)
   channels: tuple = struct.field(pytree_node=False)
+  n_coeffs: int = struct.field(pytree_node=False, default=0)  # Horner terms; 0 = all 2^(bits-1)
 
   @property
   def dim(self) -> int:
     return len(self.channels)
+
+  @property
+  def terms(self) -> int:
+    """Number of odd-polynomial terms the kernel evaluates for this part's codebook."""
+    return self.n_coeffs or (1 << (self.bits - 1))
 
   def nbytes(self) -> int:
     """Bytes the decode kernel reads for this part (codes + norms)."""
@@ -186,8 +244,8 @@ def turboquant_encode_part(x_BSKH, rotation_DD, centroids, bits: int, channels=N
   words = token_packing.pack_tokens(codes, bits, axis=1)
   return TQPart(words=words, norms=token_packing.to_slot_order(nrm.astype(norm_dtype), axis=1),
                 rotation=jnp.asarray(rotation_DD, jnp.float32),
-                centroids=jnp.asarray(c, jnp.float32), coeffs=jnp.asarray(codebook_poly_coeffs(c)),
-                bits=bits, channels=channels)
+                centroids=jnp.asarray(c, jnp.float32), coeffs=jnp.asarray(kernel_codebook(c, bits)[0]),
+                bits=bits, channels=channels, n_coeffs=kernel_codebook(c, bits)[1])
 
 
 def turboquant_dequantize(parts: Sequence[TQPart], head_dim: int):
@@ -241,6 +299,12 @@ def _pieces(parts_dims: Sequence[int]):
   return tuple(pieces)
 
 
+def _code_float(code_u32):
+  """float32(code) for codes < 2^23 with the 2^23 magic number (an OR and a subtract, no I2F)."""
+  f = lax.bitcast_convert_type(code_u32 | jnp.uint32(_MAGIC), jnp.float32)
+  return f - jnp.float32(8388608.0)
+
+
 def _fields(w_RC, bits: int, doubled: bool = False):
   """The 4 code fields of a [16, C] tile of packed words, as uint32 [16, C] each (2*code if doubled)."""
   sb = token_packing.storage_bits(bits)
@@ -253,56 +317,51 @@ def _fields(w_RC, bits: int, doubled: bool = False):
           for j in range(token_packing.FIELDS)]
 
 
-def _softmax_fields(s_list, carry_m, carry_l):
-  """Online-softmax update over the 4 field tiles [Gp, 16] of one group: (p_list, alpha, m, l)."""
-  mx = s_list[0].max(axis=1)
+def _softmax_fields(s_list, carry_m, carry_l, tok_axis: int):
+  """Online-softmax update (base 2) over the 4 field tiles of one block: (p_list, alpha, m, l).
+
+  Tiles are [Gp, R] (tok_axis=1, "qk" orientation) or [R, Gp] (tok_axis=0, "kq" orientation).
+  """
+  mx = s_list[0].max(axis=tok_axis)
   for s in s_list[1:]:
-    mx = jnp.maximum(mx, s.max(axis=1))
+    mx = jnp.maximum(mx, s.max(axis=tok_axis))
   m_new = jnp.maximum(carry_m, mx)
   alpha = jnp.exp2(carry_m - m_new)
-  p_list = [jnp.exp2(s - m_new[:, None]) for s in s_list]
+  m_b = m_new[:, None] if tok_axis == 1 else m_new[None, :]
+  p_list = [jnp.exp2(s - m_b) for s in s_list]
   l_new = alpha * carry_l
   for p in p_list:
-    l_new = l_new + p.sum(axis=1)
+    l_new = l_new + p.sum(axis=tok_axis)
   return p_list, alpha, m_new, l_new
 
 
-def _run_groups(group_fn, carry, length, split, chunk: int, gpi: int):
-  """Unmasked loop over full blocks of gpi groups in the split, then masked tail groups."""
-  blk = GT * gpi
-  start, lim, n_full, has_tail = split_range(length, split, chunk, blk)
-
-  def body(i, c):
-    t0 = start + i * blk
-    for u in range(gpi):
-      c = group_fn(pl.multiple_of(t0 + u * GT, GT), c, None)
-    return c
-
-  carry = lax.fori_loop(0, n_full, body, carry)
-  t_tail = start + n_full * blk
-  for u in range(gpi):
-    t0 = t_tail + u * GT
-    carry = lax.cond(t0 < lim, lambda c, t0=t0: group_fn(pl.multiple_of(t0, GT), c, lim),
-                     lambda c: c, carry)
-  return carry
+def _tok(x_R, tok_axis: int):
+  """A per-token [R] vector as a [1, R] row (tok_axis=1) or an [R, 1] column (tok_axis=0)."""
+  return x_R[None, :] if tok_axis == 1 else x_R[:, None]
 
 
-def _init_carry(Gp, widths):
-  return ([jnp.zeros((Gp, w), jnp.float32) for w in widths], jnp.full((Gp,), _NEG_BIG, jnp.float32),
-          jnp.zeros((Gp,), jnp.float32))
+def _head(x_G, tok_axis: int):
+  """A per-query-head [Gp] vector broadcast against tiles with tokens on `tok_axis`."""
+  return x_G[:, None] if tok_axis == 1 else x_G[None, :]
 
 
-def _write(o_ref, lse_ref, carry, offsets_widths):
+def _init_carry(Gp, widths, transposed: bool = False):
+  shape = (lambda w: (w, Gp)) if transposed else (lambda w: (Gp, w))
+  return ([jnp.zeros(shape(w), jnp.float32) for w in widths],
+          jnp.full((Gp,), _NEG_BIG, jnp.float32), jnp.zeros((Gp,), jnp.float32))
+
+
+def _write(o_ref, lse_ref, carry, offsets_widths, transposed: bool = False):
+  """Stores acc / l per piece (o block [Gp, H], or [H, Gp] when transposed) and the lse."""
   accs, m, l = carry
   nonempty = l > 0.0
   l_safe = jnp.where(nonempty, l, 1.0)
   for acc, (off, w) in zip(accs, offsets_widths):
-    o_ref[:, pl.ds(off, w)] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    if transposed:
+      o_ref[pl.ds(off, w), :] = (acc / l_safe[None, :]).astype(o_ref.dtype)
+    else:
+      o_ref[:, pl.ds(off, w)] = (acc / l_safe[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(nonempty, (m + jnp.log2(l_safe)) / LOG2E, -jnp.inf)
-
-
-def _tok_valid(t0, j, lim):
-  return (t0 + j * ROWS + jnp.arange(ROWS)) < lim
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,22 +369,34 @@ def _tok_valid(t0, j, lim):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _tq_kernel(len_ref, q_ref, coef_ref, *refs, k_bits, v_bits, k_pieces, v_pieces, gpi, chunk):
+def _tq_kernel(len_ref, q_ref, coef_ref, *refs, k_bits, v_bits, k_terms, v_terms, k_pieces,
+               v_pieces, gpi, chunk, transposed):
+  """One (row, kv head, split) program. Orientation (static):
+
+  transposed=False ("qk"): scores s[Gp, R] = dot(q'[Gp, w], y[R, w]^T); acc[Gp, w] += dot(p, y).
+  transposed=True  ("kq"): scores s[R, Gp] = dot(y[R, w], q'^T[w, Gp]); acc[w, Gp] += dot(y^T, p^T).
+  In "kq" the decoded codes are always the LEFT operand of the tensor-core dot (M = tokens for the
+  scores, M = channels for the values), the operand Triton can keep in registers; in "qk" they are
+  the right operand. Which one is faster is measured (experiments/bench_kv_decode.py).
+  """
   nk, nv = len(k_bits), len(v_bits)
   kw, kn = refs[0:2 * nk:2], refs[1:2 * nk:2]
   vw, vn = refs[2 * nk:2 * (nk + nv):2], refs[2 * nk + 1:2 * (nk + nv):2]
   o_ref, lse_ref = refs[-2:]
   b, split = pl.program_id(0), pl.program_id(2)
-  Gp = q_ref.shape[0]
+  tr = transposed
+  ta = 0 if tr else 1  # token axis of the score / probability tiles
+  Gp = q_ref.shape[1] if tr else q_ref.shape[0]
   S = kn[0].shape[0] * token_packing.FIELDS
   length = jnp.minimum(len_ref[b], S)
   R = ROWS * gpi  # packed rows per block; field j of the block = R tokens
   blk = GT * gpi
   r_idx = jnp.arange(R)
   base = (r_idx // ROWS) * GT + r_idx % ROWS  # token offset (within the block) of field 0, per row
-  q_pieces = [q_ref[:, pl.ds(qoff, w)] for (_, _, w, qoff) in k_pieces]
-  kco = [[coef_ref[i, k] for k in range(1 << (k_bits[i] - 1))] for i in range(nk)]
-  vco = [[coef_ref[nk + i, k] for k in range(1 << (v_bits[i] - 1))] for i in range(nv)]
+  q_pieces = [q_ref[pl.ds(qoff, w), :] if tr else q_ref[:, pl.ds(qoff, w)]
+              for (_, _, w, qoff) in k_pieces]
+  kco = [[coef_ref[i, k] for k in range(k_terms[i])] for i in range(nk)]
+  vco = [[coef_ref[nk + i, k] for k in range(v_terms[i])] for i in range(nv)]
 
   def block(t0, carry, lim):
     accs, m, l = carry
@@ -334,38 +405,39 @@ def _tq_kernel(len_ref, q_ref, coef_ref, *refs, k_bits, v_bits, k_pieces, v_piec
     part_s = [[None] * 4 for _ in range(nk)]
     for (pi, c0, w, _), qp in zip(k_pieces, q_pieces):
       for j, code in enumerate(_fields(kw[pi][rows, pl.ds(c0, w)], k_bits[pi], True)):
-        y = _codebook_eval(code, kco[pi], 1 << k_bits[pi]).astype(qp.dtype)
-        d = plgpu.dot(qp, y.T)
+        y = _codebook_eval(code, kco[pi], 1 << k_bits[pi]).astype(jnp.bfloat16)  # [R, w]
+        d = plgpu.dot(y, qp) if tr else plgpu.dot(qp, y.T)
         part_s[pi][j] = d if part_s[pi][j] is None else part_s[pi][j] + d
     valid = [None] * 4
     s_list = []
     for j in range(4):
       s = None
       for i in range(nk):
-        nrm = kn[i][rows, j].astype(jnp.float32)
-        t = part_s[i][j] * nrm[None, :]
+        t = part_s[i][j] * _tok(kn[i][rows, j].astype(jnp.float32), ta)
         s = t if s is None else s + t
       if lim is not None:
         valid[j] = (t0 + j * ROWS + base) < lim
-        s = jnp.where(valid[j][None, :], s, _NEG_BIG)
+        s = jnp.where(_tok(valid[j], ta), s, _NEG_BIG)
       s_list.append(s)
-    p_list, alpha, m_new, l_new = _softmax_fields(s_list, m, l)
+    p_list, alpha, m_new, l_new = _softmax_fields(s_list, m, l, ta)
     pw = []
     for i in range(nv):
       row = []
       for j in range(4):
-        nrm = vn[i][rows, j].astype(jnp.float32)
-        pj = p_list[j] * nrm[None, :]
+        pj = p_list[j] * _tok(vn[i][rows, j].astype(jnp.float32), ta)
         if lim is not None:
-          pj = jnp.where(valid[j][None, :], pj, 0.0)
+          pj = jnp.where(_tok(valid[j], ta), pj, 0.0)
         row.append(pj.astype(jnp.bfloat16))
       pw.append(row)
     new_accs = []
     for acc, (pi, c0, w, _) in zip(accs, v_pieces):
-      acc = acc * alpha[:, None]
-      for j, code in enumerate(_fields(vw[pi][rows, pl.ds(c0, w)], v_bits[pi], True)):
+      acc = acc * _head(alpha, ta)
+      tile = vw[pi][rows, pl.ds(c0, w)]  # [R, w] packed words
+      if tr:
+        tile = tile.T  # transpose the packed words (4x fewer bytes than the decoded values)
+      for j, code in enumerate(_fields(tile, v_bits[pi], True)):
         y = _codebook_eval(code, vco[pi], 1 << v_bits[pi]).astype(jnp.bfloat16)
-        acc = acc + plgpu.dot(pw[pi][j], y)
+        acc = acc + (plgpu.dot(y, pw[pi][j]) if tr else plgpu.dot(pw[pi][j], y))
       new_accs.append(acc)
     return new_accs, m_new, l_new
 
@@ -374,11 +446,11 @@ def _tq_kernel(len_ref, q_ref, coef_ref, *refs, k_bits, v_bits, k_pieces, v_piec
   def body(i, c):
     return block(pl.multiple_of(start + i * blk, blk), c, None)
 
-  carry = _init_carry(Gp, [w for (_, _, w, _) in v_pieces])
+  carry = _init_carry(Gp, [w for (_, _, w, _) in v_pieces], tr)
   carry = lax.fori_loop(0, n_full, body, carry)
   carry = lax.cond(has_tail, lambda c: block(pl.multiple_of(start + n_full * blk, blk), c, lim),
                    lambda c: c, carry)
-  _write(o_ref, lse_ref, carry, [(ooff, w) for (_, _, w, ooff) in v_pieces])
+  _write(o_ref, lse_ref, carry, [(ooff, w) for (_, _, w, ooff) in v_pieces], tr)
 
 
 def _check_parts(parts, H, what):
@@ -393,9 +465,9 @@ def _check_parts(parts, H, what):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "num_splits", "gpi", "num_warps",
-                                             "num_stages", "interpret", "return_lse"))
+                                             "num_stages", "interpret", "return_lse", "transposed"))
 def _tq_attention(q_BNH, k_parts, v_parts, lengths_B, *, sm_scale, num_splits, gpi, num_warps,
-                  num_stages, interpret, return_lse):
+                  num_stages, interpret, return_lse, transposed):
   B, N, H = q_BNH.shape
   _, R, K, _ = k_parts[0].words.shape
   S = R * token_packing.FIELDS
@@ -406,6 +478,8 @@ def _tq_attention(q_BNH, k_parts, v_parts, lengths_B, *, sm_scale, num_splits, g
   qr = jnp.concatenate([q32[..., np.asarray(p.channels)] @ p.rotation.T for p in k_parts], axis=-1)
   qr = (qr * (sm_scale * LOG2E)).reshape(B, K, G, H)
   qr = jnp.pad(qr, ((0, 0), (0, 0), (0, Gp - G), (0, 0))).astype(jnp.bfloat16)
+  if transposed:
+    qr = jnp.swapaxes(qr, -1, -2)  # [B, K, H, Gp]
   coef = jnp.stack([p.coeffs for p in k_parts] + [p.coeffs for p in v_parts]).astype(jnp.float32)
   k_pieces = _pieces([p.dim for p in k_parts])
   v_pieces = _pieces([p.dim for p in v_parts])
@@ -417,7 +491,7 @@ def _tq_attention(q_BNH, k_parts, v_parts, lengths_B, *, sm_scale, num_splits, g
   lengths_B = jnp.clip(jnp.asarray(lengths_B, jnp.int32), 0, S)
 
   in_specs = [pl.BlockSpec((B,), lambda b, h, p: (0,)),
-              pl.BlockSpec((None, None, Gp, H), lambda b, h, p: (b, h, 0, 0)),
+              pl.BlockSpec((None, None) + qr.shape[2:], lambda b, h, p: (b, h, 0, 0)),
               pl.BlockSpec(coef.shape, lambda b, h, p: (0, 0))]
   args = [lengths_B, qr, coef]
   nbytes = 0
@@ -428,15 +502,18 @@ def _tq_attention(q_BNH, k_parts, v_parts, lengths_B, *, sm_scale, num_splits, g
     args += [part.words, part.norms]
     nbytes += part.nbytes()
   kernel = functools.partial(_tq_kernel, k_bits=tuple(p.bits for p in k_parts),
-                             v_bits=tuple(p.bits for p in v_parts), k_pieces=k_pieces,
-                             v_pieces=v_pieces, gpi=gpi, chunk=chunk)
+                             v_bits=tuple(p.bits for p in v_parts),
+                             k_terms=tuple(p.terms for p in k_parts),
+                             v_terms=tuple(p.terms for p in v_parts), k_pieces=k_pieces,
+                             v_pieces=v_pieces, gpi=gpi, chunk=chunk, transposed=transposed)
+  o_blk = (H, Gp) if transposed else (Gp, H)
   o, lse = pl.pallas_call(
       kernel,
       grid=(B, K, P),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, None, Gp, H), lambda b, h, p: (b, h, p, 0, 0)),
+      out_specs=[pl.BlockSpec((None, None, None) + o_blk, lambda b, h, p: (b, h, p, 0, 0)),
                  pl.BlockSpec((None, None, None, Gp), lambda b, h, p: (b, h, p, 0))],
-      out_shape=[jax.ShapeDtypeStruct((B, K, P, Gp, H), jnp.float32),
+      out_shape=[jax.ShapeDtypeStruct((B, K, P) + o_blk, jnp.float32),
                  jax.ShapeDtypeStruct((B, K, P, Gp), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       cost_estimate=pl.CostEstimate(flops=4 * B * N * S * H + 24 * B * K * S * H,
@@ -444,6 +521,8 @@ def _tq_attention(q_BNH, k_parts, v_parts, lengths_B, *, sm_scale, num_splits, g
       interpret=interpret,
       name="turboquant_decode_attention",
   )(*args)
+  if transposed:
+    o = jnp.swapaxes(o, -1, -2)  # [B, K, P, Gp, H] (tiny: one row per split)
   out_r, lse_out = combine_splits(o, lse, N, jnp.float32, return_lse=True)
   # Rotate the values' accumulator back once per part: x = Pi^T y (row vectors: y @ Pi).
   out = jnp.zeros((B, N, H), jnp.float32)
@@ -457,9 +536,9 @@ def _tq_attention(q_BNH, k_parts, v_parts, lengths_B, *, sm_scale, num_splits, g
 
 def turboquant_decode_attention(q_BNH, k_parts: Sequence[TQPart], v_parts: Sequence[TQPart],
                                 lengths_B, *, sm_scale: Optional[float] = None,
-                                num_splits: Optional[int] = None, groups_per_iter: int = 4,
-                                num_warps: int = 4, num_stages: int = 3, interpret: bool = False,
-                                return_lse: bool = False):
+                                num_splits: Optional[int] = None, groups_per_iter: int = 2,
+                                num_warps: int = 4, num_stages: int = 3, transposed: bool = False,
+                                interpret: bool = False, return_lse: bool = False):
   """GQA decode attention over TurboQuant_mse-packed K/V (Pallas; Triton on GPU, interpret on CPU).
 
   Args:
@@ -472,12 +551,15 @@ def turboquant_decode_attention(q_BNH, k_parts: Sequence[TQPart], v_parts: Seque
     groups_per_iter: 64-token groups per inner-loop block (halved until it divides S/64); each field
       of a block is one [16*groups_per_iter, d] tile, i.e. one tensor-core dot per field and part.
     num_warps, num_stages: Triton launch parameters.
+    transposed: dot orientation (see `_tq_kernel`): False = "qk" (codes are the right operand),
+      True = "kq" (codes are the left operand of every dot, accumulator [H, Gp]).
     interpret: Pallas interpreter (CPU tests).
     return_lse: also return the log-sum-exp [B, N] float32 (to merge a full-precision window).
   Returns:
     [B, N, H] in q's dtype (and the lse with return_lse).
   """
   k_parts, v_parts = tuple(k_parts), tuple(v_parts)
+  _check_launch(groups_per_iter, num_warps, num_stages, num_splits)
   B, N, H = q_BNH.shape
   _check_parts(k_parts, H, "k_parts")
   _check_parts(v_parts, H, "v_parts")
@@ -499,7 +581,19 @@ def turboquant_decode_attention(q_BNH, k_parts: Sequence[TQPart], v_parts: Seque
   scale = (1.0 / math.sqrt(H)) if sm_scale is None else float(sm_scale)
   return _tq_attention(q_BNH, k_parts, v_parts, lengths_B, sm_scale=scale, num_splits=int(num_splits),
                        gpi=int(groups_per_iter), num_warps=num_warps, num_stages=num_stages,
-                       interpret=interpret, return_lse=return_lse)
+                       interpret=interpret, return_lse=return_lse, transposed=bool(transposed))
+
+
+def _check_launch(groups_per_iter, num_warps, num_stages, num_splits):
+  for name, v, ok in (("groups_per_iter", groups_per_iter, lambda x: x >= 1 and not x & (x - 1)),
+                      ("num_warps", num_warps, lambda x: x in (1, 2, 4, 8, 16)),
+                      ("num_stages", num_stages, lambda x: x >= 1),
+                      ("num_splits", num_splits, lambda x: x >= 1)):
+    if v is None and name == "num_splits":
+      continue
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not ok(int(v)):
+      raise ValueError(f"{name} must be a positive int (groups_per_iter a power of two, num_warps "
+                       f"in 1..16 a power of two), got {v!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -528,29 +622,38 @@ def _kivi_kernel(len_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
     valid = [None] * 4
     s_list = []
     for j, code in enumerate(_fields(kw_ref[rows, :], k_bits)):
-      kg = t0 // kivi_lib.GROUP + j // 2 + gbase  # [R] key group of each row's field-j token
-      sc = ks_ref[kg].astype(jnp.float32)  # gathered rows [R, H]
-      ze = kz_ref[kg].astype(jnp.float32)
-      k_hat = (code.astype(jnp.float32) * sc + ze).astype(q.dtype)
+      if gpi == 1:  # the 16 tokens of a field lie in ONE key group: one [1, H] row, broadcast
+        kg0 = t0 // kivi_lib.GROUP + j // 2
+        sc = ks_ref[pl.ds(kg0, 1), :].astype(jnp.float32)
+        ze = kz_ref[pl.ds(kg0, 1), :].astype(jnp.float32)
+      else:
+        kg = t0 // kivi_lib.GROUP + j // 2 + gbase  # [R] key group of each row's field-j token
+        sc = ks_ref[kg].astype(jnp.float32)  # gathered rows [R, H]
+        ze = kz_ref[kg].astype(jnp.float32)
+      k_hat = (_code_float(code) * sc + ze).astype(q.dtype)
       s = plgpu.dot(q, k_hat.T)
       if lim is not None:
         valid[j] = (t0 + j * ROWS + base) < lim
         s = jnp.where(valid[j][None, :], s, _NEG_BIG)
       s_list.append(s)
-    p_list, alpha, m_new, l_new = _softmax_fields(s_list, m, l)
-    p_bf = [p.astype(jnp.bfloat16) for p in p_list]
+    p_list, alpha, m_new, l_new = _softmax_fields(s_list, m, l, 1)
     new_accs = []
     for c, acc in enumerate(accs):
+      # Per-token value scales fold into the probabilities: sum_t p_t (code_t s_t + z_t)
+      # = dot(p * s, code) + sum_t p_t z_t, so the codes enter the dot as exact small integers.
       acc = acc * alpha[:, None]
       tile = vw_ref[rows, pl.ds(c * kivi_lib.GROUP, kivi_lib.GROUP)]
+      zsum = None
       for j, code in enumerate(_fields(tile, v_bits)):
-        sc = vs_ref[rows, c, j].astype(jnp.float32)[:, None]
-        ze = vz_ref[rows, c, j].astype(jnp.float32)[:, None]
-        v_hat = code.astype(jnp.float32) * sc + ze
-        if lim is not None:
-          v_hat = jnp.where(valid[j][:, None], v_hat, 0.0)
-        acc = acc + plgpu.dot(p_bf[j], v_hat.astype(jnp.bfloat16))
-      new_accs.append(acc)
+        sc = vs_ref[rows, c, j].astype(jnp.float32)[None, :]
+        ze = vz_ref[rows, c, j].astype(jnp.float32)[None, :]
+        psc, pze = p_list[j] * sc, p_list[j] * ze
+        if lim is not None:  # scales past the length may be garbage (0 * NaN = NaN)
+          psc = jnp.where(valid[j][None, :], psc, 0.0)
+          pze = jnp.where(valid[j][None, :], pze, 0.0)
+        acc = acc + plgpu.dot(psc.astype(jnp.bfloat16), _code_float(code).astype(jnp.bfloat16))
+        zsum = pze.sum(axis=1) if zsum is None else zsum + pze.sum(axis=1)
+      new_accs.append(acc + zsum[:, None])
     return new_accs, m_new, l_new
 
   start, lim, n_full, has_tail = split_range(length, split, chunk, blk)
@@ -674,6 +777,7 @@ def turboquant_parts(tq, x_BSKH, norm_dtype=jnp.float16):
                         norms=token_packing.to_slot_order(codes.norm.astype(norm_dtype), axis=1),
                         rotation=sub.rotation.matrix().astype(jnp.float32),
                         centroids=sub.centroids.astype(jnp.float32),
-                        coeffs=jnp.asarray(codebook_poly_coeffs(np.asarray(sub.centroids))),
-                        bits=sub.mse_bits, channels=tuple(int(c) for c in chans)))
+                        coeffs=jnp.asarray(kernel_codebook(np.asarray(sub.centroids), sub.mse_bits)[0]),
+                        bits=sub.mse_bits, channels=tuple(int(c) for c in chans),
+                        n_coeffs=kernel_codebook(np.asarray(sub.centroids), sub.mse_bits)[1]))
   return parts

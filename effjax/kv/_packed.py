@@ -16,7 +16,6 @@ prefill, decode and speculative verification).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from effjax.kv.base import check_new_kv
@@ -39,7 +38,8 @@ def _row_field(pos):
 def write_tokens(words_BRKD, codes_BTKD, pos_BT, valid_BT, bits: int):
   """Writes codes of T tokens per row at token positions `pos_BT` into packed words.
 
-  A read-modify-write of the packed rows, one pass per field (4 passes): inside a pass every
+  A read-modify-write of the packed rows. T == 1 (a decode step): ONE gather + ONE scatter, the
+  field's shift chosen per row. T > 1: one pass per field (4 passes): inside a pass every
   (row, packed word) is hit by at most one token because positions are distinct per row.
   Tokens with `valid_BT == False` (or positions past the end) are not written.
   """
@@ -50,6 +50,12 @@ def write_tokens(words_BRKD, codes_BTKD, pos_BT, valid_BT, bits: int):
   ok_BT = valid_BT & (pos_BT >= 0) & (row_BT < R)
   codes = codes_BTKD.astype(jnp.uint32)
   mask = jnp.uint32((1 << sb) - 1)
+  if pos_BT.shape[1] == 1:
+    idx_BT = jnp.where(ok_BT, row_BT, R)  # R = out of range -> dropped
+    old = words_BRKD.at[b_BT, idx_BT].get(mode="fill", fill_value=0).astype(jnp.uint32)
+    sh = (field_BT * sb).astype(jnp.uint32)[:, :, None, None]
+    new = (old & ~(mask << sh)) | ((codes & mask) << sh)
+    return words_BRKD.at[b_BT, idx_BT].set(new.astype(words_BRKD.dtype), mode="drop")
   for j in range(token_packing.FIELDS):
     idx_BT = jnp.where(ok_BT & (field_BT == j), row_BT, R)  # R = out of range -> dropped
     old = words_BRKD.at[b_BT, idx_BT].get(mode="fill", fill_value=0).astype(jnp.uint32)
@@ -154,9 +160,10 @@ def scatter_slots(x_BR_4, new_BT, pos_BT, valid_BT):
   row_BT, field_BT = token_packing.token_slot(pos_BT)
   b_BT = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], pos_BT.shape)
   idx = jnp.where(valid_BT & (pos_BT >= 0), row_BT, R)
-  xm = jnp.moveaxis(x_BR_4, -1, 2)
-  xm = xm.at[b_BT, idx, field_BT].set(new_BT.astype(x_BR_4.dtype), mode="drop")
-  return jnp.moveaxis(xm, 2, -1)
+  # Advanced indices on axes 0, 1 and -1 with slices between: the indexed shape is [B, T, ...]
+  # (numpy rules), so this is one scatter into x in place, no transposed copy of x.
+  ix = (b_BT, idx) + (slice(None),) * (x_BR_4.ndim - 3) + (field_BT,)
+  return x_BR_4.at[ix].set(new_BT.astype(x_BR_4.dtype), mode="drop")
 
 
 def gather_slots(x_BR_4, pos_BW):
@@ -165,7 +172,7 @@ def gather_slots(x_BR_4, pos_BW):
   pos = jnp.clip(pos_BW.astype(jnp.int32), 0, 4 * R - 1)
   row, field = token_packing.token_slot(pos)
   b = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], pos.shape)
-  return jnp.moveaxis(x_BR_4, -1, 2)[b, row, field]
+  return x_BR_4[(b, row) + (slice(None),) * (x_BR_4.ndim - 3) + (field,)]
 
 
 def check_new_finite(cache_name: str, name: str, x_BTKH, positions_BT, ring_shape):

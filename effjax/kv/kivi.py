@@ -207,7 +207,6 @@ class KIVICache:
   def _dequant_values_at(self, pos_BM):
     B, M = pos_BM.shape
     K, H = self.ring_k.shape[2:]
-    b = jnp.arange(B)[:, None]
     p = jnp.clip(pos_BM, 0, _packed.padded_len(self.capacity) - 1)
     c = _packed.read_tokens(self.v_codes, p, self.bits).astype(jnp.float32)
     c = c.reshape(B, M, K, H // GROUP, GROUP)

@@ -51,6 +51,14 @@ kernel's token-packing slot order, `token_packing.to_slot_order`) in `norm_dtype
 residual norms [B, S64, K]. Every position is encoded when written, so `rollback` only resets
 `lengths` (O(B)).
 
+Encode cost (a decode step writes one token): when keys and values are mse with <= 4-bit parts, the
+rotations of ALL parts of keys AND values run as one batched [2, H, H] matmul (each side's matrix
+is block-diagonal per part up to the channel permutation, `_fused_tables` / `_joint_tables`), then
+one quantizing fusion (compare against per-column boundaries); a single-token write is one gather +
+one scatter per packed array and one scatter per norm array (`_packed.write_tokens`,
+`_packed.scatter_slots`). Same arithmetic as `TurboQuant.encode` (normalise per part, rotate,
+count boundaries) up to float summation order inside the matmul.
+
 Bad input: bits / kinds / options are checked at `init` (ValueError naming the option); keys or
 values with NaN/Inf raise ValueError in eager `update` calls (under jit the check cannot run and
 NaN propagates into the stored norm, documented in `effjax.quant.turboquant`).
@@ -108,6 +116,94 @@ def _encode(sub: TurboQuant, x_BTKd):
   return idx, norm, qjl, rnorm
 
 
+def _fused_tables(tq: TurboQuant, head_dim: int):
+  """(M [H, H], boundaries [H, nb]) for `_encode_fused`, or () when a part is not mse <= 4 bits.
+
+  M maps head-dim channels to the concatenated rotated coordinates of all parts:
+  M[ch_i[a], off_i + b] = Pi_i[b, a] (block-diagonal up to the channel permutation), so ONE
+  [.., H] @ [H, H] matmul rotates every part; row c of the boundary table holds the Lloyd-Max
+  boundaries of the part owning rotated column c (padded with +inf).
+  """
+  subs = _subs(tq)
+  if any(sub.kind != "mse" or not 1 <= sub.mse_bits <= 4 for sub, _ in subs):
+    return ()
+  nb = max(int(sub.boundaries.shape[0]) for sub, _ in subs)
+  m_HH = jnp.zeros((head_dim, head_dim), jnp.float32)
+  bnd_Hn = jnp.full((head_dim, nb), jnp.inf, jnp.float32)
+  off = 0
+  for sub, ch in subs:
+    d, nbi = len(ch), int(sub.boundaries.shape[0])
+    m_HH = m_HH.at[np.asarray(ch)[:, None], off + np.arange(d)[None, :]].set(
+        sub.rotation.matrix().astype(jnp.float32).T)
+    bnd_Hn = bnd_Hn.at[off:off + d, :nbi].set(
+        jnp.broadcast_to(sub.boundaries.astype(jnp.float32)[None, :], (d, nbi)))
+    off += d
+  return (m_HH, bnd_Hn)
+
+
+def _take_channels(x, ch):
+  """x[..., ch] as a slice when `ch` is a contiguous range (fuses), else a gather."""
+  if list(ch) == list(range(ch[0], ch[0] + len(ch))):
+    return x[..., ch[0]:ch[0] + len(ch)]
+  return jnp.take(x, jnp.asarray(ch, jnp.int32), axis=-1)
+
+
+def _normalized(subs, x_BTKH):
+  """(u = x / ||x_part|| per channel, [||x_part||]) in float32 (parts of `subs`)."""
+  x = x_BTKH.astype(jnp.float32)
+  norms = [jnp.sqrt(jnp.sum(jnp.square(_take_channels(x, ch)), axis=-1)) for _, ch in subs]
+  if len(subs) == 1:
+    norm_c = norms[0][..., None]
+  else:
+    part_of = np.zeros(x.shape[-1], np.int32)
+    for i, (_, ch) in enumerate(subs):
+      part_of[np.asarray(ch)] = i
+    norm_c = jnp.take(jnp.stack(norms, axis=-1), jnp.asarray(part_of), axis=-1)
+  return x / jnp.where(norm_c > 0, norm_c, 1.0), norms
+
+
+def _split_parts(subs, idx, norms):
+  out, off = [], 0
+  for (_, ch), n in zip(subs, norms):
+    out.append((idx[..., off:off + len(ch)], n))
+    off += len(ch)
+  return out
+
+
+def _encode_fused(tables, subs, x_BTKH):
+  """[(idx uint8 [B, T, K, d], norm f32 [B, T, K])] per part, all parts with one matmul.
+
+  Same arithmetic as `_encode` per part (u = x_part / ||x_part||, y = Pi u, idx = #{bnd < y}),
+  only the rotations of all parts share one [H, H] matmul (`_fused_tables`); a decode step then
+  costs one matmul and a few fusions instead of one matmul + gather chain per part.
+  """
+  m_HH, bnd_Hn = tables
+  u, norms = _normalized(subs, x_BTKH)
+  y = jnp.einsum("...h,hg->...g", u, m_HH)
+  bnd = bnd_Hn.reshape((1,) * (y.ndim - 1) + bnd_Hn.shape)
+  return _split_parts(subs, jnp.sum(y[..., None] > bnd, axis=-1, dtype=jnp.uint8), norms)
+
+
+def _joint_tables(k_tables, v_tables):
+  """Keys' and values' `_fused_tables` stacked ([2, H, H], [2, H, nb]) for `_encode_fused_kv`."""
+  if not (k_tables and v_tables):
+    return ()
+  nb = max(k_tables[1].shape[1], v_tables[1].shape[1])
+  pad = lambda t: jnp.pad(t, ((0, 0), (0, nb - t.shape[1])), constant_values=jnp.inf)
+  return (jnp.stack([k_tables[0], v_tables[0]]), jnp.stack([pad(k_tables[1]), pad(v_tables[1])]))
+
+
+def _encode_fused_kv(kv_tables, k_subs, k_BTKH, v_subs, v_BTKH):
+  """`_encode_fused` of keys AND values in one batched matmul + one quantizing fusion."""
+  m_2HH, bnd_2Hn = kv_tables
+  u_k, n_k = _normalized(k_subs, k_BTKH)
+  u_v, n_v = _normalized(v_subs, v_BTKH)
+  y = jnp.einsum("s...h,shg->s...g", jnp.stack([u_k, u_v]), m_2HH)
+  bnd = bnd_2Hn.reshape((2,) + (1,) * (y.ndim - 2) + bnd_2Hn.shape[1:])
+  idx = jnp.sum(y[..., None] > bnd, axis=-1, dtype=jnp.uint8)
+  return _split_parts(k_subs, idx[0], n_k), _split_parts(v_subs, idx[1], n_v)
+
+
 def _check_int(name, v, lo):
   if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
     raise ValueError(f"TurboQuantCache.init: {name} must be an int >= {lo}, got {v!r}")
@@ -132,6 +228,9 @@ class TurboQuantCache:
   v_quant: TurboQuant
   k_coeffs: tuple        # kernel codebook polynomials per part (empty when not kernel-readable)
   v_coeffs: tuple
+  k_enc: tuple           # `_fused_tables` of the key / value quantizer (empty: per-part encode)
+  v_enc: tuple
+  kv_enc: tuple          # both stacked (`_joint_tables`; empty unless keys and values are fused)
   capacity: int = flax.struct.field(pytree_node=False)
   key_kind: str = flax.struct.field(pytree_node=False)
   key_mean: str = flax.struct.field(pytree_node=False)
@@ -208,7 +307,7 @@ class TurboQuantCache:
     nd = np.dtype(norm_dtype)
 
     def store(tq):
-      words, norms, qjl, rnorm, coeffs = [], [], [], [], []
+      words, norms, qjl, rnorm = [], [], [], []
       for sub, ch in _subs(tq):
         d = len(ch)
         words.append(jnp.zeros((B, S64 // 4, K, d), token_packing.word_dtype(sub.mse_bits)))
@@ -218,6 +317,7 @@ class TurboQuantCache:
           rnorm.append(jnp.zeros((B, S64, K), nd))
       return tuple(words), tuple(norms), tuple(qjl), tuple(rnorm)
 
+    k_enc, v_enc = _fused_tables(k_quant, H), _fused_tables(v_quant, H)
     kw, kn, kq, kr = store(k_quant)
     vw, vn, _, _ = store(v_quant)
     return cls(k_words=kw, k_norms=kn, k_qjl=kq, k_rnorm=kr, v_words=vw, v_norms=vn,
@@ -225,7 +325,9 @@ class TurboQuantCache:
                ring_pos=jnp.full((B, W), -1, jnp.int32),
                mean_BKH=jnp.zeros((B, K, H), jnp.float32), mean_set=jnp.zeros((B,), bool),
                lengths=jnp.zeros((B,), jnp.int32), k_quant=k_quant, v_quant=v_quant,
-               k_coeffs=_coeffs(k_quant), v_coeffs=_coeffs(v_quant), capacity=int(max_len),
+               k_coeffs=_coeffs(k_quant), v_coeffs=_coeffs(v_quant),
+               k_enc=k_enc, v_enc=v_enc, kv_enc=_joint_tables(k_enc, v_enc),
+               capacity=int(max_len),
                key_kind=key_kind, key_mean=key_mean, pre_rope=bool(pre_rope), inv_freq=inv_freq,
                impl=impl)
 
@@ -282,11 +384,19 @@ class TurboQuantCache:
       k_in = k_in - mean[:, None]
     rep = {}
 
-    def write(tq, x, words, norms, qjl, rnorm):
+    joint = (_encode_fused_kv(self.kv_enc, _subs(self.k_quant), k_in, _subs(self.v_quant), v_BTKH)
+             if self.kv_enc else (None, None))
+
+    def write(tq, x, words, norms, qjl, rnorm, tables, fused):
       words, norms, qjl, rnorm = list(words), list(norms), list(qjl), list(rnorm)
-      for i, (sub, ch) in enumerate(_subs(tq)):
-        xs = jnp.take(x, jnp.asarray(ch, jnp.int32), axis=-1) if len(ch) != x.shape[-1] else x
-        idx, nrm, q1, r1 = _encode(sub, xs)
+      subs = _subs(tq)
+      if fused is None and tables:
+        fused = _encode_fused(tables, subs, x)
+      for i, (sub, ch) in enumerate(subs):
+        if fused is not None:
+          (idx, nrm), q1, r1 = fused[i], None, None
+        else:
+          idx, nrm, q1, r1 = _encode(sub, _take_channels(x, ch))
         words[i] = _packed.write_tokens(words[i], idx, pos, valid, sub.mse_bits)
         norms[i] = _packed.scatter_slots(norms[i], nrm, pos, valid)
         if q1 is not None:
@@ -295,9 +405,10 @@ class TurboQuantCache:
       return tuple(words), tuple(norms), tuple(qjl), tuple(rnorm)
 
     rep["k_words"], rep["k_norms"], rep["k_qjl"], rep["k_rnorm"] = write(
-        self.k_quant, k_in, self.k_words, self.k_norms, self.k_qjl, self.k_rnorm)
+        self.k_quant, k_in, self.k_words, self.k_norms, self.k_qjl, self.k_rnorm, self.k_enc,
+        joint[0])
     rep["v_words"], rep["v_norms"], _, _ = write(self.v_quant, v_BTKH, self.v_words, self.v_norms,
-                                                 (), ())
+                                                 (), (), self.v_enc, joint[1])
     rpos = jnp.where(valid, pos, -1)
     rep["ring_k"], rep["ring_v"], rep["ring_pos"] = _packed.ring_write(
         self.ring_k, self.ring_v, self.ring_pos, k_BTKH, v_BTKH, rpos)
@@ -462,10 +573,11 @@ class TurboQuantCache:
     return out.reshape(B, T, N, H)
 
   def _kernel_parts(self, tq, words, norms, coeffs):
-    from pallas_kernels.quant_decode_attention import TQPart
+    from pallas_kernels.quant_decode_attention import FAST_CODEBOOK_TERMS, TQPart
     return [TQPart(words=words[i], norms=norms[i], rotation=sub.rotation.matrix(),
                    centroids=sub.centroids, coeffs=coeffs[i], bits=sub.mse_bits,
-                   channels=tuple(int(c) for c in ch))
+                   channels=tuple(int(c) for c in ch),
+                   n_coeffs=FAST_CODEBOOK_TERMS.get(sub.mse_bits, 0))  # as `_coeffs` fitted them
             for i, (sub, ch) in enumerate(_subs(tq))]
 
   def _attend_kernel(self, q_BNH, pos_B, scale):
@@ -501,7 +613,6 @@ class TurboQuantCache:
   def _decode_at(self, tq, words, norms, pos_BW):
     """x_hat float32 [B, W, K, H] of the (mse) codes at positions pos_BW (window fallback)."""
     subs = _subs(tq)
-    b = jnp.arange(pos_BW.shape[0])[:, None]
     p = jnp.clip(pos_BW, 0, _packed.padded_len(self.capacity) - 1)
     parts = []
     for i, (sub, _) in enumerate(subs):
@@ -517,10 +628,10 @@ def _coeffs(tq):
   for sub, _ in _subs(tq):
     if sub.mse_bits not in (1, 2, 3, 4):
       return ()
-    from pallas_kernels.quant_decode_attention import codebook_poly_coeffs
+    from pallas_kernels.quant_decode_attention import kernel_codebook
     from effjax.quant.lloyd_max import lloyd_max_codebook  # numpy (concrete under jit)
     cents = np.asarray(lloyd_max_codebook(sub.dim, sub.mse_bits).centroids)
-    out.append(jnp.asarray(codebook_poly_coeffs(cents)))
+    out.append(jnp.asarray(kernel_codebook(cents, sub.mse_bits)[0]))
   return tuple(out)
 
 

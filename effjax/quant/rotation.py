@@ -55,6 +55,28 @@ def _check_last_axis(x, dim, who):
     raise ValueError(f"{who}: expected x of shape [..., {dim}], got {tuple(x.shape)}")
 
 
+_QR_MEMO: dict = {}  # sha1 of the Gaussian matrix -> sign-fixed Q (float64); at most 8 entries
+
+
+def _haar_from_gaussian(g_DD: np.ndarray) -> np.ndarray:
+  """Sign-fixed Q of QR(g) (float64), memoized by the bytes of g.
+
+  A QR of d = 1536 costs seconds on a small CPU and experiments build many quantizers from the
+  same (seed, part) stream (e.g. mse and prod at every bit width), so identical Gaussians reuse
+  their Q. Same result as recomputing (the key is the exact input).
+  """
+  import hashlib
+  key = (g_DD.shape, hashlib.sha1(np.ascontiguousarray(g_DD).tobytes()).hexdigest())
+  q_DD = _QR_MEMO.get(key)
+  if q_DD is None:
+    q_DD, r_DD = np.linalg.qr(g_DD)
+    q_DD = q_DD * np.where(np.diag(r_DD) < 0, -1.0, 1.0)[None, :]
+    if len(_QR_MEMO) >= 8:
+      _QR_MEMO.pop(next(iter(_QR_MEMO)))
+    _QR_MEMO[key] = q_DD
+  return q_DD
+
+
 @struct.dataclass
 class HaarRotation:
   """Haar-random orthogonal rotation Pi stored densely.
@@ -73,9 +95,7 @@ class HaarRotation:
     _check_dim(dim)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     g_DD = rng.standard_normal((dim, dim))
-    q_DD, r_DD = np.linalg.qr(g_DD)
-    q_DD = q_DD * np.where(np.diag(r_DD) < 0, -1.0, 1.0)[None, :]
-    return cls(matrix_DD=jnp.asarray(q_DD, jnp.float32), dim=int(dim))
+    return cls(matrix_DD=jnp.asarray(_haar_from_gaussian(g_DD), jnp.float32), dim=int(dim))
 
   def apply(self, x_ND: jax.Array) -> jax.Array:
     """Returns Pi x for x of shape [..., dim] (row vectors), computed in float32 or wider."""

@@ -21,9 +21,7 @@ Used by the KIVI (arXiv 2402.02750) and TurboQuant (arXiv 2504.19874) KV caches 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 __all__ = ["GROUP_TOKENS", "FIELDS", "word_dtype", "storage_bits", "pack_tokens", "unpack_tokens",
            "write_token", "to_slot_order", "from_slot_order", "token_slot"]

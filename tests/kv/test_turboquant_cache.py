@@ -180,12 +180,39 @@ def test_generate_end_to_end(rng):
   assert np.all((np.asarray(out.tokens) >= 0) & (np.asarray(out.tokens) < 100))
 
 
-def test_kernel_path_interpret_matches_jnp(rng):
-  """Single-token decode through the Pallas kernel (interpret mode) == the jnp codes path."""
+_KERNEL_IMPL = "kernel" if jax.default_backend() == "gpu" else "interpret"
+
+
+def test_kernel_path_matches_jnp(rng):
+  """Single-token decode through the Pallas kernel == the jnp codes path (the real Triton kernel
+  on an NVIDIA GPU, the Pallas interpreter elsewhere)."""
   B, K, G, H, S = 2, 2, 2, 64, 70
   k, v, q = _data(rng, B, S, K, G, H)
   opts = dict(bits=4, window=8, key_mean="prefill")
   out_j, _ = _fill_and_attend(TurboQuantCache, dict(opts, impl="jnp"), k, v, q, 128, 66)
-  out_k, _ = _fill_and_attend(TurboQuantCache, dict(opts, impl="interpret"), k, v, q, 128, 66)
+  out_k, _ = _fill_and_attend(TurboQuantCache, dict(opts, impl=_KERNEL_IMPL), k, v, q, 128, 66)
   for a, b in zip(out_k[1:], out_j[1:]):
     assert rel_err(a, b) < 2e-2  # the kernel rotates the query in bf16
+
+
+@pytest.mark.parametrize("bits", [4, 2.5])
+def test_update_stores_the_quantizers_reconstruction(rng, bits):
+  """Prefill (T > 1) and single-token (T = 1) writes -- the fused one-matmul encode and the
+  single-pass packed write -- store exactly what TurboQuant.encode / decode gives."""
+  from effjax.quant.turboquant import TurboQuant
+  B, K, H, P = 2, 3, 64, 37
+  x = jnp.asarray(rng.standard_normal((B, P + 2, K, H)).astype(np.float32) * 3)
+  seed = int(rng.integers(1 << 20))
+  c = TurboQuantCache.init(B, 100, K, H, jnp.float32, bits=bits, seed=seed)
+  pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  c = c.update(x[:, :P], x[:, :P], pos)
+  for t in (P, P + 1):  # ragged single-token steps: row 1 skips position P
+    p = jnp.asarray([[t], [P + 1]], jnp.int32)
+    c = c.update(x[:, t:t + 1], x[:, t:t + 1], p)
+  tq = TurboQuant(H, bits, seed=seed + 1)  # the value quantizer
+  ref = np.asarray(tq.decode(tq.encode(x)))
+  got = np.asarray(c.dequantized_values())
+  np.testing.assert_allclose(got[0, :P + 2], ref[0], rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+  np.testing.assert_allclose(got[1, :P], ref[1, :P], rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+  np.testing.assert_allclose(got[1, P + 1], ref[1, P + 1], rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+  assert np.all(got[1, P] == 0) and np.all(got[:, P + 2:] == 0)

@@ -38,8 +38,9 @@ def _lengths(rng, B, S):
   return jnp.asarray(ls + [int(rng.integers(1, S))] * (B - len(ls)), jnp.int32)
 
 
-@pytest.mark.parametrize("k_bits,v_bits,group,H,gpi", [(4, 2.5, 4, 64, 1), (3, 2, 8, 32, 2)])
-def test_turboquant_kernel_matches_dequantized_reference(k_bits, v_bits, group, H, gpi):
+@pytest.mark.parametrize("k_bits,v_bits,group,H,gpi,transposed",
+                         [(4, 2.5, 4, 64, 1, False), (3, 2, 8, 32, 2, True)])
+def test_turboquant_kernel_matches_dequantized_reference(k_bits, v_bits, group, H, gpi, transposed):
   rng, seed = _rng()
   B, S, K = 3, 128 if gpi == 1 else 256, 2
   q, k, v = _inputs(rng, B, S, K, group, H)
@@ -53,7 +54,8 @@ def test_turboquant_kernel_matches_dequantized_reference(k_bits, v_bits, group, 
                              np.asarray(tq_v.decode(tq_v.encode(v))), rtol=2e-3, atol=2e-3)
   lengths = _lengths(rng, B, S)
   out, lse = qda.turboquant_decode_attention(q, kp, vp, lengths, num_splits=2, groups_per_iter=gpi,
-                                             interpret=INTERPRET, return_lse=True)
+                                             transposed=transposed, interpret=INTERPRET,
+                                             return_lse=True)
   ref = qda.turboquant_decode_reference(q, kp, vp, lengths)
   assert out.shape == q.shape and out.dtype == q.dtype
   err = _rel(out, ref)
@@ -95,6 +97,21 @@ def test_codebook_polynomial_is_exact(bits):
   np.testing.assert_allclose(np.asarray(vals), c, rtol=1e-6, atol=1e-6 * np.max(np.abs(c)))
 
 
+def test_fast_codebook_within_bf16_rounding():
+  """The kernels' 4-bit codebook (fewer polynomial terms, `FAST_CODEBOOK_TERMS`) stays far below the
+  bf16 rounding (2^-9 relative) its values get before the tensor-core dot."""
+  from effjax.quant.lloyd_max import lloyd_max_codebook
+  rng, seed = _rng()
+  for d in (int(rng.integers(16, 2000)), 128):
+    c = lloyd_max_codebook(d, 4).centroids
+    a, m = qda.kernel_codebook(c, 4)
+    assert 0 < m < 8
+    vals = qda._codebook_eval(2 * jnp.arange(16, dtype=jnp.uint32), [jnp.float32(x) for x in a[:m]],
+                              16)
+    err = np.max(np.abs(np.asarray(vals) - c) / np.abs(c))
+    assert err < 5e-4, f"seed={seed} d={d} max rel err {err}"
+
+
 def test_bad_input():
   with pytest.raises(ValueError, match="symmetric"):
     qda.codebook_poly_coeffs([-1.0, 0.1, 0.5, 1.0])
@@ -104,5 +121,11 @@ def test_bad_input():
   kp = qda.turboquant_parts(tq, k)
   with pytest.raises(ValueError, match="partition"):
     qda.turboquant_decode_attention(q, kp + kp, kp, jnp.ones((1,), jnp.int32), interpret=True)
+  with pytest.raises(ValueError, match="groups_per_iter"):
+    qda.turboquant_decode_attention(q, kp, kp, jnp.ones((1,), jnp.int32), groups_per_iter=3,
+                                    interpret=True)
+  with pytest.raises(ValueError, match="num_warps"):
+    qda.turboquant_decode_attention(q, kp, kp, jnp.ones((1,), jnp.int32), num_warps=3,
+                                    interpret=True)
   with pytest.raises(ValueError, match="kind='mse'"):
     qda.turboquant_parts(TurboQuant(32, 3, kind="prod"), k)
