@@ -159,3 +159,24 @@ def check_new_kv(cache_name: str, name: str, x_BTKH, positions_BT, *, batch: int
   if positions_BT.shape != x_BTKH.shape[:2]:
     raise ValueError(f"{cache_name}.update: positions_BT must be {x_BTKH.shape[:2]}, got "
                      f"{positions_BT.shape}")
+
+
+def check_attend_args(cache_name: str, q_BTNH, positions_BT, *, batch: int, kv_heads: int,
+                      head_dim: int) -> tuple[int, int]:
+  """Shape check for `attend`'s query and positions; returns (T, num_heads).
+
+  Raises:
+    ValueError: naming the cache, the argument and the expected shape.
+  """
+  B, K, H = batch, kv_heads, head_dim
+  if q_BTNH.ndim != 4 or q_BTNH.shape[0] != B or q_BTNH.shape[3] != H:
+    raise ValueError(f"{cache_name}.attend: q_BTNH must be [batch={B}, T, heads, head_dim={H}], "
+                     f"got {q_BTNH.shape}")
+  _, T, N, _ = q_BTNH.shape
+  if N % K:
+    raise ValueError(f"{cache_name}.attend: query heads ({N}) must be a multiple of kv heads "
+                     f"({K})")
+  if positions_BT.shape != (B, T):
+    raise ValueError(f"{cache_name}.attend: positions_BT must be {(B, T)}, got "
+                     f"{positions_BT.shape}")
+  return T, N

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.kv.base import check_new_kv
+from effjax.kv.base import check_attend_args, check_new_kv
 from pallas_kernels.decode_attention import decode_attention
 
 ATTEND_IMPLS = ("xla", "pallas", "auto")
@@ -126,16 +126,8 @@ class DenseCache:
       `[batch, T, heads, head_dim]` in `q`'s dtype.
     """
     B, S, K, H = self.k_BSKH.shape
-    if q_BTNH.ndim != 4 or q_BTNH.shape[0] != B or q_BTNH.shape[3] != H:
-      raise ValueError(f"DenseCache.attend: q_BTNH must be [batch={B}, T, heads, head_dim={H}], "
-                       f"got {q_BTNH.shape}")
-    _, T, N, _ = q_BTNH.shape
-    if N % K:
-      raise ValueError(f"DenseCache.attend: query heads ({N}) must be a multiple of kv heads "
-                       f"({K})")
-    if positions_BT.shape != (B, T):
-      raise ValueError(f"DenseCache.attend: positions_BT must be {(B, T)}, got "
-                       f"{positions_BT.shape}")
+    T, N = check_attend_args("DenseCache", q_BTNH, positions_BT, batch=B, kv_heads=K,
+                             head_dim=H)
     G = N // K
     scale = H ** -0.5 if sm_scale is None else sm_scale
     if T == 1 and self._pallas_decode():

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.kv import _packed
+from effjax.kv.base import check_attend_args
 from effjax.quant import kivi as kivi_lib
 from effjax.quant import token_packing
 
@@ -240,15 +241,8 @@ class KIVICache:
       [batch, T, heads, head_dim] in q's dtype.
     """
     B, R, K, H = self.ring_k.shape
-    if q_BTNH.ndim != 4 or q_BTNH.shape[0] != B or q_BTNH.shape[3] != H:
-      raise ValueError(f"KIVICache.attend: q_BTNH must be [batch={B}, T, heads, head_dim={H}], "
-                       f"got {q_BTNH.shape}")
-    _, T, N, _ = q_BTNH.shape
-    if N % K:
-      raise ValueError(f"KIVICache.attend: query heads ({N}) must be a multiple of kv heads ({K})")
-    if positions_BT.shape != (B, T):
-      raise ValueError(f"KIVICache.attend: positions_BT must be {(B, T)}, got "
-                       f"{positions_BT.shape}")
+    T, N = check_attend_args("KIVICache", q_BTNH, positions_BT, batch=B, kv_heads=K,
+                             head_dim=H)
     scale = H ** -0.5 if sm_scale is None else float(sm_scale)
     pos = positions_BT.astype(jnp.int32)
     nc = H // GROUP

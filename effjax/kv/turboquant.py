@@ -74,6 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.kv import _packed
+from effjax.kv.base import check_attend_args
 from effjax.layers.rope import apply_rope, rope_inv_freq
 from effjax.quant import packing, token_packing
 from effjax.quant.turboquant import TurboQuant
@@ -489,16 +490,8 @@ class TurboQuantCache:
       [batch, T, heads, head_dim] in q's dtype.
     """
     B, W, K, H = self.ring_k.shape
-    if q_BTNH.ndim != 4 or q_BTNH.shape[0] != B or q_BTNH.shape[3] != H:
-      raise ValueError(f"TurboQuantCache.attend: q_BTNH must be [batch={B}, T, heads, "
-                       f"head_dim={H}], got {q_BTNH.shape}")
-    _, T, N, _ = q_BTNH.shape
-    if N % K:
-      raise ValueError(f"TurboQuantCache.attend: query heads ({N}) must be a multiple of kv heads "
-                       f"({K})")
-    if positions_BT.shape != (B, T):
-      raise ValueError(f"TurboQuantCache.attend: positions_BT must be {(B, T)}, got "
-                       f"{positions_BT.shape}")
+    T, N = check_attend_args("TurboQuantCache", q_BTNH, positions_BT, batch=B, kv_heads=K,
+                             head_dim=H)
     scale = H ** -0.5 if sm_scale is None else float(sm_scale)
     pos = positions_BT.astype(jnp.int32)
     use_kernel = T == 1 and (self.impl in ("kernel", "interpret") or (
