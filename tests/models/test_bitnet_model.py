@@ -102,7 +102,13 @@ def test_packed_model_equals_fake_quant(rng):
   q = packed["params"]["layers_0"]["attn"]["q_proj"]
   assert q["packed"].dtype == jnp.uint8 and q["scale"].shape == ()
   packed_logits = jax.jit(Transformer(pcfg).apply)(packed, tokens)
-  assert rel_err(packed_logits, logits) < 1e-5
+  # The packed path accumulates integer codes exactly and scales once; fake quant multiplies
+  # dequantized floats. They agree to ~1e-6, except that a later layer's activation sitting on an
+  # int8 rounding boundary can then round to the neighbouring code in one of them (seen in ~1 of
+  # 20 fresh draws on CPU: 1.9e-3). One flipped code moves the logits by ~1e-3; a wrong scale,
+  # layout or packing moves them by O(1). (The single-layer tests below quantize the same input in
+  # both paths, so they stay at 1e-5.)
+  assert rel_err(packed_logits, logits) < 5e-3
   # packed weights: exactly 2 bits per (padded) weight
   from effjax.quant.ternary import padded_dims
   kernels = [(params["params"][f"layers_{i}"][blk][n]["kernel"].shape, 2 if n == "o_proj" else 1)
