@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
-MATVEC_IMPLS = ("xla", "pallas")
+MATVEC_IMPLS = ("xla", "pallas", "hybrid")
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 MLP_TYPES = ("swiglu", "relu2")
@@ -50,7 +50,8 @@ class ModelConfig:
   `matvec_impl` picks the kernel of the dense projections and the LM head when they multiply at
   most `pallas_kernels.gemv.MAX_M` rows (decoding): "xla" (jnp.einsum) or "pallas" (the split-K
   Pallas GEMV of `pallas_kernels.gemv` where its blocks tile the shapes; interpret mode off-GPU;
-  opt-in: slower than XLA inside an H200 decode step); see `effjax.layers.linear.project`.
+  opt-in: slower than XLA inside an H200 decode step) or "hybrid" (Pallas for weights up to
+  16 MiB, XLA for larger ones); see `effjax.layers.linear.project`.
   Training and prefill (more rows) always use jnp.einsum.
   """
   vocab_size: int = 260

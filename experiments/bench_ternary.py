@@ -119,10 +119,23 @@ def n_sets(nbytes: int, m: int) -> int:
 def configs(m: int, k4: int, n4: int, sweep: bool):
   """[(impl, kwargs)]: the automatic path first, then the fused-epilogue variant of it, then (if
   sweep) the rest of <= 10 (M = 1) / 4 (M > DOT_MAX_M) variants; M = 8, 64 get only the two."""
-  auto = tm.auto_impl(m)
+  auto = tm.auto_impl(m, k4)
   out = [(auto, {})]
-  if auto in ("gemv", "dot"):
+  if auto in ("gemv", "dot", "dp4a"):
     out.append((auto, dict(reduce="fused")))
+  if auto == "dp4a":  # the previous paths, for the comparison at the same M
+    out += [("gemv", {}) if m <= 8 else ("dot", {})]
+    if sweep and m == 1:
+      d0 = tm.dp4a_config(m, k4, n4)["split_k"]
+      w8 = dict(num_warps=8)
+      out += [("dp4a", w8), ("dp4a", dict(w8, block_k=16)), ("dp4a", dict(w8, block_w=32)),
+              ("dp4a", dict(w8, block_w=128, block_k=4)), ("dp4a", dict(w8, split_k=d0 // 2)),
+              ("dp4a", dict(w8, split_k=d0 // 2, num_stages=2)),
+              ("dp4a", dict(w8, block_k=4, num_stages=2)), ("dp4a", dict(block_w=32)),
+              ("dp4a", dict(block_k=4)), ("dp4a", dict(split_k=d0 * 2)),
+              ("dp4a", dict(w8, block_w=32, block_k=16, split_k=d0 // 2)),
+              ("dp4a", dict(num_warps=16, block_w=128, block_k=8))]
+    return [c for i, c in enumerate(out) if c not in out[:i]]
   if m > tm.DOT_MAX_M:  # the unpack layouts of the int8 path (every shape: the M = 4096 target)
     out += [("xla_int8", dict(xla_layout="nk_direct")), ("xla_int8", dict(xla_layout="kn")),
             ("xla_int8", dict(xla_barrier=False))]
@@ -145,6 +158,9 @@ def resolved(impl, kw, m, k4, n4):
   extra = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages", "reduce")}
   if impl == "gemv":
     return {**tm.gemv_config(m, k4, n4, kw.get("block_t"), kw.get("block_w"), kw.get("block_k"),
+                             kw.get("split_k")), **extra}
+  if impl == "dp4a":
+    return {**tm.dp4a_config(m, k4, n4, kw.get("block_t"), kw.get("block_w"), kw.get("block_k"),
                              kw.get("split_k")), **extra}
   if impl == "dot":
     return {**tm.dot_config(m, k4, n4, kw.get("block_m"), kw.get("block_w"), kw.get("block_k"),

@@ -93,6 +93,12 @@ def decode_attention_reference(q_BNH, k_BSKH, v_BSKH, lengths_B, *, sm_scale: Op
 # ---------------------------------------------------------------------------------------------------
 
 
+def dot_precision(dtype):
+  """Precision of the kernels' tensor-core dots: float32 operands are multiplied in full float32
+  (Triton's default for them would be TF32, ~1e-3 relative error); 16-bit ones at their own."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def online_softmax_step(s_GN, v_NH, carry, *, weight_1N=None):
   """One online-softmax update (base 2) shared by the decode kernels.
 
@@ -107,7 +113,8 @@ def online_softmax_step(s_GN, v_NH, carry, *, weight_1N=None):
   p_GN = jnp.exp2(s_GN - m_new[:, None])
   l_new = alpha * l_G + jnp.sum(p_GN, axis=1)
   pw_GN = p_GN if weight_1N is None else p_GN * weight_1N
-  acc_new = acc_GH * alpha[:, None] + plgpu.dot(pw_GN.astype(v_NH.dtype), v_NH)
+  acc_new = acc_GH * alpha[:, None] + plgpu.dot(pw_GN.astype(v_NH.dtype), v_NH,
+                                                precision=dot_precision(v_NH.dtype))
   return acc_new, m_new, l_new
 
 
@@ -140,7 +147,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, bl
   start, lim, n_full, has_tail = split_range(length, split, chunk, block_k)
 
   def logits(k_NH):
-    return plgpu.dot(q_GH, k_NH.T) * qscale
+    return plgpu.dot(q_GH, k_NH.T, precision=dot_precision(k_NH.dtype)) * qscale
 
   def body(i, carry):
     sl = pl.ds(pl.multiple_of(start + i * block_k, block_k), block_k)

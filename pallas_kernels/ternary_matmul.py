@@ -29,7 +29,17 @@ Many programs (the automatic configs aim at >= `TARGET_PROGRAMS` ~ 4 per SM of a
 enough loads in flight to stream the weights at HBM bandwidth, which a decode-shaped product
 (M = 1) needs: its arithmetic per byte is tiny.
 
-* `gemv` (M <= GEMV_MAX_M under "auto"): SIMD-within-a-register on CUDA cores. The masks
+* `dp4a` (M <= DP4A_MAX_M under "auto", K4 % 4 == 0): the int8 dot-product instruction on CUDA
+  cores. The words are viewed as [K4/4, 4, N4]; a 4x4 byte transpose (8 PRMT) of the 4 words of one
+  column in packed rows 4r..4r+3 gives, per plane i, a word whose byte b holds packed row 4r+b, and
+  (t >> 2j) & 0x03030303 leaves the codes of K rows j*K4 + 4r + b (b = 0..3) in its 4 bytes: the
+  byte order of the int8 activations x[j*K4 + 4r .. +3] read as one int32 word (a free bitcast of
+  x). One DP4A per (plane i, plane j, token) then does 4 multiply-adds: per word ~3 integer ops
+  plus 4 DP4A per token, against ~23 per token for `gemv`. The PTX comes in through
+  `jax.experimental.pallas.triton.elementwise_inline_asm`; in interpret mode (CPU) the two
+  instructions are emulated with jnp shifts (`_transpose4`, `_dp4a`), so CI checks the layout
+  arithmetic and the GPU tests check the PTX.
+* `gemv` (M <= GEMV_MAX_M under "auto" when K4 % 4 != 0): SIMD-within-a-register on CUDA cores. The masks
   0x00030003 on w >> 2j and on (w >> 8) >> 2j put the codes of two output columns (planes i = 0, 2
   and i = 1, 3) in the two 16-bit halves of an int32, so one int32 multiply-add by x accumulates two
   columns: per word 7 shifts, 8 ands and 8 multiply-adds per token. A half holds at most
@@ -49,8 +59,8 @@ enough loads in flight to stream the weights at HBM bandwidth, which a decode-sh
   words) or "kn" ([K, N]); `xla_barrier=False` drops the optimization barrier so XLA may fuse the
   unpacking into the GEMM's operand loads.
 
-`impl="auto"` picks by M; the thresholds are predictions until experiments/bench_ternary.py's sweep
-on an H200 confirms them (results/ternary.md). The weights should be int32 words
+`impl="auto"` picks by M (and K4 % 4 for dp4a); the thresholds come from experiments/bench_ternary.py's
+sweep on an H200 (results/ternary.md). The weights should be int32 words
 (`effjax.quant.ternary.as_words`, once at load time): a uint8 `packed` is converted on every call,
 which XLA does as an extra full pass over the weight. Triton (GPU) lowering via
 `jax.experimental.pallas.triton.CompilerParams`; `interpret=True` (the default off-GPU) runs the
@@ -71,14 +81,15 @@ from effjax.layers.bitlinear import int8_act_codes
 from effjax.quant.ternary import PackedTernary, unpack_2bit, words_2bit
 
 __all__ = ["ternary_matmul_reference", "ternary_matmul", "ternary_linear", "gemv_config",
-           "dot_config", "auto_impl", "GEMV_MAX_M", "DOT_MAX_M", "IMPLS", "REDUCES", "XLA_LAYOUTS",
+           "dot_config", "dp4a_config", "auto_impl", "DP4A_MAX_M", "GEMV_MAX_M", "DOT_MAX_M", "IMPLS", "REDUCES", "XLA_LAYOUTS",
            "DEFAULT_REDUCE", "TARGET_PROGRAMS"]
 
-IMPLS = ("auto", "gemv", "dot", "xla_int8", "xla_bf16", "reference")
+IMPLS = ("auto", "dp4a", "gemv", "dot", "xla_int8", "xla_bf16", "reference")
 REDUCES = ("xla", "fused")
 XLA_LAYOUTS = ("nk", "nk_direct", "kn")
 DEFAULT_REDUCE = "xla"  # the measured default; "fused" is swept by experiments/bench_ternary.py
-GEMV_MAX_M = 4       # "auto": M <= this -> gemv (SWAR; cost per word grows with M)
+DP4A_MAX_M = 16      # "auto": M <= this (and K4 % 4 == 0) -> dp4a
+GEMV_MAX_M = 4       # "auto" when K4 % 4 != 0: M <= this -> gemv (SWAR)
 DOT_MAX_M = 256      # GEMV_MAX_M < M <= this -> dot; above: unpack + XLA int8 matmul
 TARGET_PROGRAMS = 512  # automatic split-K aims at >= this many programs (H200: 132 SMs)
 _LANE_PRODUCTS = 128  # products a 16-bit half may accumulate before a flush
@@ -219,6 +230,103 @@ def _dot_kernel(x_ref, w_ref, *rest, k4, k4s, bk4, n_iter, mode):
     _finish(o_ref, pl.ds(0, bm), i, out[i] - out[4][:, None], scale_refs, mode)
 
 
+# DP4A path. PTX for the two instructions the integer dot product needs: PRMT (byte permute; 8 of
+# them make a 4x4 byte transpose of four words) and DP4A (4-way int8 dot product with int32
+# accumulation, sm_61+). One instruction per inline-asm op: jax's Pallas Triton lowering of
+# `elementwise_inline_asm` returns only one result (a multi-result asm fails with "4 outvars do
+# not match 1 outvals", jax 0.11.2).
+_DP4A_ASM = "dp4a.s32.s32 $0, $1, $2, $3;"
+_CODE_MASK = 0x03030303
+_ONES = 0x01010101
+
+
+def _byte(w, b: int):
+  return lax.shift_right_logical(w, jnp.int32(8 * b)) & 0xFF
+
+
+def _prmt(a, b, selector: int, emulate: bool):
+  """PTX prmt.b32 (default mode): byte k of the result = byte (selector >> 4k) & 7 of {b, a}."""
+  if emulate:
+    src = (a, b)
+    out = None
+    for k in range(4):
+      s = (selector >> (4 * k)) & 7
+      v = _byte(src[s // 4], s % 4) << (8 * k)
+      out = v if out is None else out | v
+    return out
+  [out] = plgpu.elementwise_inline_asm(
+      f"prmt.b32 $0, $1, $2, {selector:#06x};", args=[a, b], constraints="=r,r,r", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+  return out
+
+
+def _transpose4(a, b, c, d, emulate: bool):
+  """Words t_i with byte r of t_i = byte i of the r-th input (a 4x4 byte transpose, 8 PRMT)."""
+  l0, h0 = _prmt(a, b, 0x5140, emulate), _prmt(a, b, 0x7362, emulate)  # a0 b0 a1 b1 | a2 b2 a3 b3
+  l1, h1 = _prmt(c, d, 0x5140, emulate), _prmt(c, d, 0x7362, emulate)
+  return (_prmt(l0, l1, 0x5410, emulate), _prmt(l0, l1, 0x7632, emulate),
+          _prmt(h0, h1, 0x5410, emulate), _prmt(h0, h1, 0x7632, emulate))
+
+
+def _dp4a(a, b, c, emulate: bool):
+  """c + sum over the 4 bytes of a * b (both as signed int8), int32 (PTX dp4a.s32.s32)."""
+  if emulate:
+    def sbyte(w, k):
+      return lax.shift_right_arithmetic(lax.shift_left(w, jnp.int32(24 - 8 * k)), jnp.int32(24))
+    return c + sum(sbyte(a, k) * sbyte(b, k) for k in range(4))
+  [out] = plgpu.elementwise_inline_asm(
+      _DP4A_ASM, args=[a, b, c], constraints="=r,r,r,r", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.int32)])
+  return out
+
+
+def _dp4a_kernel(x_ref, w_ref, *rest, k16, k16s, bk, n_iter, mode, emulate):
+  """tm tokens x one column tile (bw words = 4*bw outputs) x one K split, DP4A on CUDA cores.
+
+  x_ref [tm, 4*k16] int32: the int8 activations, 4 consecutive K positions per word (word
+  j*k16 + r holds x[j*K4 + 4r .. j*K4 + 4r + 3]); w_ref [k16s, 4, bw] int32: the planar words
+  viewed as [K4/4, 4, N4] (row r, slot b = packed row 4r + b). A byte transpose of the 4 slots
+  gives, per plane i, a word whose byte b holds the 4 codes of packed row 4r + b of column
+  i*N4 + c; `>> 2j & 0x03030303` then leaves the codes of K rows j*K4 + 4r + b in the bytes, which
+  is exactly the byte order of x word j*k16 + r: one DP4A per (i, j). Per 4 words (64 weights)
+  8 PRMT + 12 shifts + 16 ands + 16 DP4A per token.
+  """
+  scale_refs, o_ref = _split_refs(rest, mode)
+  tm = x_ref.shape[0]
+  bw = w_ref.shape[2]
+  k0 = pl.program_id(1) * k16s
+
+  def body(t, carry):
+    accs, xss = carry
+    r0 = pl.multiple_of(t * bk, bk)
+    slots = [w_ref[pl.ds(r0, bk), b, :] for b in range(4)]
+    planes = _transpose4(*slots, emulate)
+    codes = [[(lax.shift_right_logical(planes[i], jnp.int32(2 * j)) if j else planes[i])
+              & _CODE_MASK for j in range(4)] for i in range(4)]
+    new_accs, new_xss = [], []
+    for mi in range(tm):
+      acc, xs = list(accs[mi]), xss[mi]
+      for j in range(4):
+        xw = x_ref[mi, pl.ds(j * k16 + k0 + r0, bk)]
+        xs = _dp4a(jnp.full((bk,), _ONES, jnp.int32), xw, xs, emulate)
+        xb = jnp.broadcast_to(xw[:, None], (bk, bw))
+        for i in range(4):
+          acc[i] = _dp4a(codes[i][j], xb, acc[i], emulate)
+      new_accs.append(tuple(acc))
+      new_xss.append(xs)
+    return tuple(new_accs), tuple(new_xss)
+
+  za = jnp.zeros((bk, bw), jnp.int32)
+  init = (tuple((za, za, za, za) for _ in range(tm)),
+          tuple(jnp.zeros((bk,), jnp.int32) for _ in range(tm)))
+  accs, xss = lax.fori_loop(0, n_iter, body, init)
+  for mi in range(tm):
+    xsum = jnp.sum(xss[mi])
+    for i in range(4):
+      _finish(o_ref, pl.ds(mi, 1), i, (jnp.sum(accs[mi][i], axis=0) - xsum)[None, :], scale_refs,
+              mode)
+
+
 # ----------------------------------------------------------------------------- configs
 
 
@@ -293,6 +401,32 @@ def dot_config(m: int, k4: int, n4: int, block_m: int | None = None, block_w: in
   return dict(block_m=bm, block_w=bw, block_k=bk4, split_k=split_k)
 
 
+def dp4a_config(m: int, k4: int, n4: int, block_t: int | None = None,
+                block_w: int | None = None, block_k: int | None = None,
+                split_k: int | None = None) -> dict:
+  """Resolved dp4a tiling for M tokens and words [k4, n4] (k4 % 4 == 0); None = automatic.
+
+  `block_k` counts groups of 4 packed rows (one DP4A step covers 4 packed rows = 16 K rows).
+  Automatic: tm = block_t = min(8, pow2 >= M); bw = 64 words; bk = 8 groups for one token, fewer
+  for more tokens (4 accumulator tiles of bk x bw int32 per token live in registers); split_k =
+  `_auto_split` over the k4 / 4 groups.
+  """
+  if k4 % 4:
+    raise ValueError(f"the dp4a kernel needs the packed rows K4={k4} to be a multiple of 4 "
+                     "(export with align >= 4), use impl='gemv'")
+  k16 = k4 // 4
+  tm = block_t or min(8, _pow2_ceil(m))
+  tm = _pow2_divisor(tm, tm)
+  bw = _pow2_divisor(n4, block_w or 64)
+  bk = block_k or max(2, 8 // tm)
+  if split_k is None:
+    split_k = _auto_split(k16, _pow2_divisor(k16, bk), (n4 // bw) * (-(-m // tm)))
+  if split_k < 1 or k16 % split_k:
+    raise ValueError(f"split_k={split_k} must be >= 1 and divide the row groups K4/4={k16}")
+  bk = _pow2_divisor(k16 // split_k, bk)
+  return dict(block_t=tm, block_w=bw, block_k=bk, split_k=split_k)
+
+
 # ----------------------------------------------------------------------------- pallas_call wrappers
 
 
@@ -313,21 +447,29 @@ def _kernel_call(kind, x_MKp, sx_M, sw, words_K4N4, *, cfg, reduce, num_warps, n
   """
   m, kp = x_MKp.shape
   k4, n4 = words_K4N4.shape
-  rows = cfg["block_t"] if kind == "gemv" else cfg["block_m"]
+  rows = cfg["block_m"] if kind == "dot" else cfg["block_t"]
   bw, bk4, split_k = cfg["block_w"], cfg["block_k"], cfg["split_k"]
   mp = -(-m // rows) * rows
   x_MKp, sx_M = _pad_rows(x_MKp, sx_M, mp)
   k4s = k4 // split_k
   n_iter = k4s // bk4
   mode = "xla" if reduce == "xla" else ("store" if split_k == 1 else "atomic")
+  x_spec = pl.BlockSpec((rows, kp), lambda c, s, t: (t, 0))
+  w_spec = pl.BlockSpec((k4s, bw), lambda c, s, t: (s, c))
   if kind == "gemv":
     chunk = _largest_divisor_at_most(n_iter, _LANE_PRODUCTS // 4)
     kernel = functools.partial(_gemv_kernel, k4=k4, k4s=k4s, bk4=bk4, n_chunks=n_iter // chunk,
                                chunk=chunk, mode=mode)
+  elif kind == "dp4a":  # bk4 counts groups of 4 packed rows here; x as int32 words of 4 bytes
+    k16, k16s = k4 // 4, k4s // 4
+    kernel = functools.partial(_dp4a_kernel, k16=k16, k16s=k16s, bk=bk4, n_iter=k16s // bk4,
+                               mode=mode, emulate=interpret)
+    x_MKp = lax.bitcast_convert_type(x_MKp.reshape(mp, kp // 4, 4), jnp.int32)
+    words_K4N4 = words_K4N4.reshape(k16, 4, n4)
+    x_spec = pl.BlockSpec((rows, kp // 4), lambda c, s, t: (t, 0))
+    w_spec = pl.BlockSpec((k16s, 4, bw), lambda c, s, t: (s, 0, c))
   else:
     kernel = functools.partial(_dot_kernel, k4=k4, k4s=k4s, bk4=bk4, n_iter=n_iter, mode=mode)
-  x_spec = pl.BlockSpec((rows, kp), lambda c, s, t: (t, 0))
-  w_spec = pl.BlockSpec((k4s, bw), lambda c, s, t: (s, c))
   tile_spec = pl.BlockSpec((rows, 4, bw), lambda c, s, t: (t, 0, c))
   args, in_specs, aliases = [x_MKp, words_K4N4], [x_spec, w_spec], {}
   if mode == "xla":
@@ -386,8 +528,12 @@ def _codes_for_xla(p: PackedTernary, dt, layout: str, barrier: bool) -> jax.Arra
 # ----------------------------------------------------------------------------- public wrapper
 
 
-def auto_impl(m: int) -> str:
-  """The impl "auto" uses for M tokens."""
+def auto_impl(m: int, k4: int = 0) -> str:
+  """The impl "auto" uses for M tokens and K4 packed rows: dp4a for M <= DP4A_MAX_M when
+  K4 % 4 == 0 (always with the default export alignment), else gemv for M <= GEMV_MAX_M; dot up to
+  DOT_MAX_M; above, unpack + XLA int8 matmul."""
+  if m <= DP4A_MAX_M and k4 % 4 == 0:
+    return "dp4a"
   return "gemv" if m <= GEMV_MAX_M else ("dot" if m <= DOT_MAX_M else "xla_int8")
 
 
@@ -405,18 +551,20 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
     scale_x_M: float32 per-token scales [M] (x = x_MK * scale_x).
     p: `PackedTernary` from `effjax.quant.ternary.export_ternary`; pass it through
       `effjax.quant.ternary.as_words` once (a uint8 `packed` is converted on every call).
-    impl: one of IMPLS; "auto" = `auto_impl(M)`: gemv for M <= GEMV_MAX_M, dot for
-      M <= DOT_MAX_M, else xla_int8 (unpack to int8 + XLA int8 matmul).
+    impl: one of IMPLS; "auto" = `auto_impl(M, K4)`: dp4a for M <= DP4A_MAX_M (K4 % 4 == 0),
+      else gemv for M <= GEMV_MAX_M; dot for M <= DOT_MAX_M, else xla_int8 (unpack to int8 +
+      XLA int8 matmul).
     interpret: run Pallas kernels in the interpreter; default True off-GPU, False on GPU.
-    block_t (gemv tokens per program), block_m (dot rows per program), block_w (words per column
-      tile), block_k (packed rows per step), split_k (K splits, must divide K/4): None = the
-      automatic choice of `gemv_config` / `dot_config`; block sizes are rounded down to powers of
-      two dividing the packed dims.
-    num_warps, num_stages: Triton launch parameters; num_stages None = 1 for gemv (with the
+    block_t (gemv/dp4a tokens per program), block_m (dot rows per program), block_w (words per
+      column tile), block_k (packed rows per step; dp4a: groups of 4 packed rows), split_k (K
+      splits, must divide K/4; dp4a: K/16): None = the automatic choice of `gemv_config` /
+      `dp4a_config` / `dot_config`; block sizes are rounded down to powers of two dividing the
+      packed dims.
+    num_warps, num_stages: Triton launch parameters; num_stages None = 1 for gemv and dp4a (with the
       automatic split-K a program makes few K steps: its loads in flight come from many programs,
       not from pipelining; pass 2-3 with split_k = 1) and 3 for dot (Triton pipelines the weight
       loads of its K loop).
-    reduce: gemv/dot only, one of REDUCES; None = DEFAULT_REDUCE. "xla": int32 partial sums per K
+    reduce: gemv/dp4a/dot only, one of REDUCES; None = DEFAULT_REDUCE. "xla": int32 partial sums per K
       split plus an XLA reduction (exact sums, one more kernel); "fused": scale in-kernel and
       float32 atomic adds across K splits (plain stores when split_k = 1), no reduction kernel.
     xla_layout: one of XLA_LAYOUTS, for the xla_* paths (see the module docstring).
@@ -441,7 +589,7 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
     interpret = jax.default_backend() != "gpu"
   n = p.shape[1]
   if impl == "auto":
-    impl = auto_impl(m)
+    impl = auto_impl(m, p.packed.shape[0])  # packed rows K4 (uint8 bytes or int32 words)
   if impl == "reference":
     return ternary_matmul_reference(x_MK, scale_x_M, p, out_dtype)
   if impl in ("xla_int8", "xla_bf16"):
@@ -460,6 +608,9 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
   x_MKp = x_MK if 4 * k4 == k else jnp.pad(x_MK, ((0, 0), (0, 4 * k4 - k)))
   if impl == "gemv":
     cfg = gemv_config(m, k4, n4, block_t, block_w, block_k, split_k)
+    num_stages = 1 if num_stages is None else num_stages
+  elif impl == "dp4a":
+    cfg = dp4a_config(m, k4, n4, block_t, block_w, block_k, split_k)
     num_stages = 1 if num_stages is None else num_stages
   else:
     cfg = dot_config(m, k4, n4, block_m, block_w, block_k, split_k)

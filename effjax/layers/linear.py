@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effjax.config import MATVEC_IMPLS
 from pallas_kernels import gemv as gemv_lib
 
 
@@ -49,7 +50,7 @@ def matvec_layout(eqn: str) -> tuple[str, int] | None:
   return None
 
 
-MATVEC_IMPLS = ("xla", "pallas")
+HYBRID_MAX_WEIGHT_BYTES = 16 << 20  # "hybrid": Pallas GEMV only for weights up to this size
 
 
 def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
@@ -62,12 +63,18 @@ def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
       `pallas_kernels.gemv.gemv` on the operands flattened to 2-D (free reshapes; interpret mode
       off-GPU); everything else as "xla". On an H200 this is slower inside a decode step than
       XLA, which merges q/k/v and gate/up into one GEMM each (results/decode_bench.md), so it is
-      opt-in.
+      opt-in;
+    * "hybrid": "pallas" for weights of at most `HYBRID_MAX_WEIGHT_BYTES` (q/k/v/o of a 1B model,
+      where the H200 sweep measured the Pallas GEMV 2-2.5x faster than XLA's, results/gemv_bench.md)
+      and "xla" for larger ones (gate/up, down, LM head: XLA streams those at ~60-100% of copy
+      bandwidth and merges gate/up into one GEMM).
   """
   if matvec_impl not in MATVEC_IMPLS:
     raise ValueError(f"matvec_impl: got {matvec_impl!r}, allowed: {list(MATVEC_IMPLS)}")
   want = jnp.dtype(out_dtype or x.dtype)
-  spec = matvec_layout(eqn) if matvec_impl == "pallas" else None
+  small = kernel.size * jnp.dtype(kernel.dtype).itemsize <= HYBRID_MAX_WEIGHT_BYTES
+  use_pallas = matvec_impl == "pallas" or (matvec_impl == "hybrid" and small)
+  spec = matvec_layout(eqn) if use_pallas else None
   if spec is not None:
     layout, n_con = spec
     row_shape = x.shape[:x.ndim - n_con]

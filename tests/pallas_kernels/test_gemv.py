@@ -93,3 +93,20 @@ def test_model_decode_logits_same_with_pallas_matvec(rng):
   jaxpr = str(jax.make_jaxpr(Transformer(dataclasses.replace(cfg, matvec_impl="pallas")).apply)(
       params, tok))
   assert "gemv_kn" in jaxpr and "gemv_nk" in jaxpr
+
+
+def test_hybrid_routes_by_weight_size(rng, monkeypatch):
+  """matvec_impl="hybrid": the Pallas GEMV for weights up to HYBRID_MAX_WEIGHT_BYTES, XLA above;
+  both give the einsum result."""
+  from effjax.layers import linear
+  x = jnp.asarray(rng.standard_normal((1, 1, 64)), jnp.float32)
+  w_small = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)    # 8 KiB
+  w_big = jnp.asarray(rng.standard_normal((64, 4, 32)), jnp.float32)   # 32 KiB
+  monkeypatch.setattr(linear, "HYBRID_MAX_WEIGHT_BYTES", 16 << 10)
+  for w, eqn, pallas in ((w_small, "BTD,DF->BTF", True), (w_big, "BTD,DNH->BTNH", False)):
+    jaxpr = str(jax.make_jaxpr(lambda x, w: project(eqn, x, w, matvec_impl="hybrid"))(x, w))
+    assert ("gemv_kn" in jaxpr) == pallas, eqn
+    with jax.default_matmul_precision("float32"):
+      out = project(eqn, x, w, matvec_impl="hybrid")
+    ref = jnp.einsum(eqn, x, w, precision=jax.lax.Precision.HIGHEST)
+    assert rel_err(out, ref) < 1e-5

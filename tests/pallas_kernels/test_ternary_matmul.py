@@ -42,6 +42,10 @@ def _check(y, ref, seed, tol):
 
 
 @pytest.mark.parametrize("impl,kw,words", [
+    ("dp4a", {}, True),                                                   # automatic tiling
+    ("dp4a", {"split_k": 2, "block_k": 2, "block_w": 8, "block_t": 2}, False),
+    ("dp4a", {"reduce": "fused", "split_k": 2, "block_k": 4, "block_w": 16}, True),
+    ("dp4a", {"reduce": "fused", "split_k": 1, "block_k": 2, "block_w": 8, "block_t": 4}, False),
     ("gemv", {}, True),                                                   # automatic tiling
     ("gemv", {"split_k": 2, "block_k": 8, "block_w": 8, "block_t": 2}, False),  # uint8 input
     ("dot", {}, True),
@@ -56,8 +60,8 @@ def _check(y, ref, seed, tol):
 ])
 def test_kernel_matches_reference_odd_sizes(impl, kw, words):
   rng, seed = _rng()
-  m = int(rng.integers(1, 6)) if impl == "gemv" else int(rng.integers(5, 21))
-  if impl == "gemv" and kw.get("block_t", 1) > 1:
+  m = int(rng.integers(1, 6)) if impl in ("gemv", "dp4a") else int(rng.integers(5, 21))
+  if impl in ("gemv", "dp4a") and kw.get("block_t", 1) > 1:
     m = int(rng.integers(3, 8))  # several token blocks, the last one padded
   # with split_k = 2: K/4 = 128 padded rows, 64 per split
   k = int(rng.integers(65, 300)) if kw.get("split_k", 1) == 1 else int(rng.integers(385, 513))
@@ -72,9 +76,12 @@ def test_kernel_matches_reference_odd_sizes(impl, kw, words):
 
 def test_auto_impl_by_m():
   """"auto" takes the paths the H200 sweep measured fastest (results/ternary.md)."""
-  assert [tm.auto_impl(m) for m in (1, tm.GEMV_MAX_M, tm.GEMV_MAX_M + 1, tm.DOT_MAX_M,
-                                    tm.DOT_MAX_M + 1, 4096)] == [
-      "gemv", "gemv", "dot", "dot", "xla_int8", "xla_int8"]
+  assert [tm.auto_impl(m, 64) for m in (1, tm.DP4A_MAX_M, tm.DP4A_MAX_M + 1, tm.DOT_MAX_M,
+                                        tm.DOT_MAX_M + 1, 4096)] == [
+      "dp4a", "dp4a", "dot", "dot", "xla_int8", "xla_int8"]
+  # K4 not a multiple of 4 (export with align < 4): the SWAR gemv for few rows
+  assert [tm.auto_impl(m, 66) for m in (1, tm.GEMV_MAX_M, tm.GEMV_MAX_M + 1)] == [
+      "gemv", "gemv", "dot"]
 
 
 def test_auto_configs_fill_the_gpu():
@@ -84,6 +91,10 @@ def test_auto_configs_fill_the_gpu():
     for m in (1, 8):
       g = tm.gemv_config(m, k4, n4)
       assert k4 % g["split_k"] == 0 and (k4 // g["split_k"]) % g["block_k"] == 0
+      assert (n4 // g["block_w"]) * g["split_k"] * (-(-m // g["block_t"])) >= tm.TARGET_PROGRAMS
+      g = tm.dp4a_config(m, k4, n4)
+      k16 = k4 // 4
+      assert k16 % g["split_k"] == 0 and (k16 // g["split_k"]) % g["block_k"] == 0
       assert (n4 // g["block_w"]) * g["split_k"] * (-(-m // g["block_t"])) >= tm.TARGET_PROGRAMS
       d = tm.dot_config(m, k4, n4)
       assert (n4 // d["block_w"]) * d["split_k"] >= tm.TARGET_PROGRAMS
@@ -98,6 +109,31 @@ def test_gemv_lane_flush_worst_case():
   x, s, p, ref = _case(rng, 1, k, 64, extreme=True)
   y = tm.ternary_matmul(x, s, p, impl="gemv", block_k=16, block_w=16)
   _check(y, ref, seed, 1e-6)
+
+
+def test_dp4a_extreme_values():
+  """Every weight +1 and every activation -128 (sign extension of both DP4A operands), and a
+  K long enough for several K steps per split."""
+  rng, seed = _rng()
+  k = 2048 - int(rng.integers(0, 120))
+  for extreme in (True, False):
+    x, s, p, ref = _case(rng, int(rng.integers(1, 4)), k, 72, extreme=extreme)
+    y = tm.ternary_matmul(x, s, ternary.as_words(p), impl="dp4a", block_k=2, block_w=16)
+    _check(y, ref, seed, 1e-6)
+
+
+def test_dp4a_emulation_matches_numpy():
+  """The interpret-mode stand-ins for PRMT (byte transpose) and DP4A, on random words."""
+  rng, _ = _rng()
+  w = rng.integers(-2**31, 2**31, (4, 37), dtype=np.int64).astype(np.int32)
+  t = np.stack([np.asarray(v) for v in tm._transpose4(*map(jnp.asarray, w), True)])
+  b = w.view(np.uint8).reshape(4, 37, 4)               # [input r, elem, byte i] (little endian)
+  assert np.array_equal(t.view(np.uint8).reshape(4, 37, 4), b.transpose(2, 1, 0))
+  a, x, c = (rng.integers(-2**31, 2**31, 53, dtype=np.int64).astype(np.int32) for _ in range(3))
+  want = c.astype(np.int64) + np.sum(a.view(np.int8).reshape(53, 4).astype(np.int64)
+                                     * x.view(np.int8).reshape(53, 4), axis=1)
+  got = np.asarray(tm._dp4a(jnp.asarray(a), jnp.asarray(x), jnp.asarray(c), True))
+  assert np.array_equal(got.astype(np.int64), want)
 
 
 def test_ternary_linear_bf16_and_auto():
@@ -140,6 +176,11 @@ def test_gpu_large_shapes_auto(m):
 
 @pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("impl,m,kw", [
+    ("dp4a", 1, {}), ("dp4a", 1, dict(block_w=128, block_k=4)), ("dp4a", 8, {}),
+    ("dp4a", 3, dict(block_t=4, block_w=32, block_k=2, num_warps=8)),
+    ("dp4a", 1, dict(reduce="fused")), ("dp4a", 1, dict(reduce="fused", split_k=1, block_k=16,
+                                                        num_stages=3)),
+    ("dp4a", 13, dict(reduce="fused", split_k=2, block_k=8, num_stages=2)),
     ("gemv", 1, dict(block_w=128, block_k=32)), ("gemv", 1, dict(block_w=256, block_k=16,
                                                                  num_warps=8)),
     ("gemv", 1, dict(block_w=32, block_k=128, num_stages=2)), ("gemv", 8, dict(block_t=4)),
