@@ -88,7 +88,7 @@ IMPLS = ("auto", "dp4a", "gemv", "dot", "xla_int8", "xla_bf16", "reference")
 REDUCES = ("xla", "fused")
 XLA_LAYOUTS = ("nk", "nk_direct", "kn")
 DEFAULT_REDUCE = "xla"  # the measured default; "fused" is swept by experiments/bench_ternary.py
-DP4A_MAX_M = 16      # "auto": M <= this (and K4 % 4 == 0) -> dp4a
+DP4A_MAX_M = 4       # "auto": M <= this (and K4 % 4 == 0) -> dp4a (H200: M = 8, 16 -> dot)
 GEMV_MAX_M = 4       # "auto" when K4 % 4 != 0: M <= this -> gemv (SWAR)
 DOT_MAX_M = 256      # GEMV_MAX_M < M <= this -> dot; above: unpack + XLA int8 matmul
 TARGET_PROGRAMS = 512  # automatic split-K aims at >= this many programs (H200: 132 SMs)
