@@ -17,6 +17,15 @@ def rng(request):
   return np.random.default_rng(seed)
 
 
+@pytest.fixture
+def float32_matmuls():
+  """float32 products in float32 on every backend. XLA on a GPU multiplies float32 in TF32 by
+  default (~5e-4 relative); tests whose float32 bounds are about float32 arithmetic use this
+  (`pytestmark = pytest.mark.usefixtures("float32_matmuls")`)."""
+  with jax.default_matmul_precision("float32"):
+    yield
+
+
 def rel_err(out, ref) -> float:
   """‖out − ref‖ / ‖ref‖ in float64."""
   out = np.asarray(out, np.float64)

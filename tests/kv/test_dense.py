@@ -11,12 +11,7 @@ from effjax.kv import dense as dense_mod
 from tests.conftest import rel_err
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-  """float32 products in float32 on every backend: XLA on a GPU multiplies float32 in TF32 by
-  default (~1e-3 relative), which the float32 bounds here (1e-5) are not about."""
-  with jax.default_matmul_precision("float32"):
-    yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # no TF32 on GPU
 
 
 def _rand(rng, *shape):

@@ -15,6 +15,8 @@ from effjax.models.transformer import Transformer
 from effjax.quant import kivi as kivi_lib
 from tests.conftest import rel_err
 
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # no TF32 on GPU
+
 
 def _data(rng, B, S, K, G, H):
   k = rng.standard_normal((B, S, K, H)).astype(np.float32)

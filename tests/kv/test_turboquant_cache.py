@@ -15,6 +15,8 @@ from effjax.kv.turboquant import TurboQuantCache, turboquant_cache_config
 from effjax.models.transformer import Transformer
 from tests.conftest import rel_err
 
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # no TF32 on GPU
+
 INV_FREQ = tuple(float(f) for f in 1.0 / (100.0 ** (np.arange(0, 32, 2) / 32)))
 
 
