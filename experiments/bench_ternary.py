@@ -123,8 +123,8 @@ def configs(m: int, k4: int, n4: int, sweep: bool):
   out = [(auto, {})]
   if auto in ("gemv", "dot", "dp4a"):
     out.append((auto, dict(reduce="fused")))
-  if auto == "dp4a":  # the previous paths, for the comparison at the same M
-    out += [("gemv", {}) if m <= 8 else ("dot", {})]
+  if auto == "dp4a":  # the SWAR gemv it replaced, for the comparison at the same M
+    out.append(("gemv", {}))
     if sweep and m == 1:
       d0 = tm.dp4a_config(m, k4, n4)["split_k"]
       w8 = dict(num_warps=8)

@@ -296,6 +296,8 @@ def _dp4a_kernel(x_ref, w_ref, *rest, k16, k16s, bk, n_iter, mode, emulate):
   bw = w_ref.shape[2]
   k0 = pl.program_id(1) * k16s
 
+  ones = jnp.full((bk,), _ONES, jnp.int32)
+
   def body(t, carry):
     accs, xss = carry
     r0 = pl.multiple_of(t * bk, bk)
@@ -308,7 +310,7 @@ def _dp4a_kernel(x_ref, w_ref, *rest, k16, k16s, bk, n_iter, mode, emulate):
       acc, xs = list(accs[mi]), xss[mi]
       for j in range(4):
         xw = x_ref[mi, pl.ds(j * k16 + k0 + r0, bk)]
-        xs = _dp4a(jnp.full((bk,), _ONES, jnp.int32), xw, xs, emulate)
+        xs = _dp4a(ones, xw, xs, emulate)
         xb = jnp.broadcast_to(xw[:, None], (bk, bw))
         for i in range(4):
           acc[i] = _dp4a(codes[i][j], xb, acc[i], emulate)
@@ -358,6 +360,18 @@ def _auto_split(k4: int, bk4: int, other_programs: int) -> int:
   return split
 
 
+def _resolve_split(rows: int, bk: int, other_programs: int, split_k: int | None,
+                   what: str) -> tuple[int, int]:
+  """(split_k, block rows): the automatic split when split_k is None (else checked: it must
+  divide the `rows` K rows, named `what` in the error), and `bk` rounded down to a power of two
+  dividing rows / split_k."""
+  if split_k is None:
+    split_k = _auto_split(rows, _pow2_divisor(rows, bk), other_programs)
+  if split_k < 1 or rows % split_k:
+    raise ValueError(f"split_k={split_k} must be >= 1 and divide the {what}={rows}")
+  return split_k, _pow2_divisor(rows // split_k, bk)
+
+
 def gemv_config(m: int, k4: int, n4: int, block_t: int | None = None, block_w: int | None = None,
                 block_k: int | None = None, split_k: int | None = None) -> dict:
   """Resolved gemv tiling for M tokens and words [k4, n4]; None fields get the automatic value.
@@ -369,12 +383,8 @@ def gemv_config(m: int, k4: int, n4: int, block_t: int | None = None, block_w: i
   tm = block_t or min(8, _pow2_ceil(m))
   tm = _pow2_divisor(tm, tm)
   bw = _pow2_divisor(n4, block_w or 64)
-  bk = block_k or max(8, 64 // tm)
-  if split_k is None:
-    split_k = _auto_split(k4, _pow2_divisor(k4, bk), (n4 // bw) * (-(-m // tm)))
-  if split_k < 1 or k4 % split_k:
-    raise ValueError(f"split_k={split_k} must be >= 1 and divide the packed rows K4={k4}")
-  bk4 = _pow2_divisor(k4 // split_k, bk)
+  split_k, bk4 = _resolve_split(k4, block_k or max(8, 64 // tm), (n4 // bw) * (-(-m // tm)),
+                                split_k, "packed rows K4")
   return dict(block_t=tm, block_w=bw, block_k=bk4, split_k=split_k)
 
 
@@ -388,12 +398,8 @@ def dot_config(m: int, k4: int, n4: int, block_m: int | None = None, block_w: in
   bm = block_m or min(64, max(16, _pow2_ceil(m)))
   bm = max(16, _pow2_divisor(bm, bm))
   bw = _pow2_divisor(n4, block_w or 32)
-  bk = block_k or 64
-  if split_k is None:
-    split_k = _auto_split(k4, _pow2_divisor(k4, bk), (n4 // bw) * (-(-m // bm)))
-  if split_k < 1 or k4 % split_k:
-    raise ValueError(f"split_k={split_k} must be >= 1 and divide the packed rows K4={k4}")
-  bk4 = _pow2_divisor(k4 // split_k, bk)
+  split_k, bk4 = _resolve_split(k4, block_k or 64, (n4 // bw) * (-(-m // bm)), split_k,
+                                "packed rows K4")
   if bw < 16 or bk4 < 32:
     raise ValueError(f"dot kernel needs N/4 divisible by 16 and K/(4*split_k) by 32 (int8 "
                      f"tensor-core tiles); got packed words [{k4}, {n4}], split_k={split_k} "
@@ -418,12 +424,8 @@ def dp4a_config(m: int, k4: int, n4: int, block_t: int | None = None,
   tm = block_t or min(8, _pow2_ceil(m))
   tm = _pow2_divisor(tm, tm)
   bw = _pow2_divisor(n4, block_w or 64)
-  bk = block_k or max(2, 8 // tm)
-  if split_k is None:
-    split_k = _auto_split(k16, _pow2_divisor(k16, bk), (n4 // bw) * (-(-m // tm)))
-  if split_k < 1 or k16 % split_k:
-    raise ValueError(f"split_k={split_k} must be >= 1 and divide the row groups K4/4={k16}")
-  bk = _pow2_divisor(k16 // split_k, bk)
+  split_k, bk = _resolve_split(k16, block_k or max(2, 8 // tm), (n4 // bw) * (-(-m // tm)),
+                               split_k, "row groups K4/4")
   return dict(block_t=tm, block_w=bw, block_k=bk, split_k=split_k)
 
 
