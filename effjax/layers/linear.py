@@ -72,8 +72,9 @@ def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
   if matvec_impl not in MATVEC_IMPLS:
     raise ValueError(f"matvec_impl: got {matvec_impl!r}, allowed: {list(MATVEC_IMPLS)}")
   want = jnp.dtype(out_dtype or x.dtype)
-  small = kernel.size * jnp.dtype(kernel.dtype).itemsize <= HYBRID_MAX_WEIGHT_BYTES
-  use_pallas = matvec_impl == "pallas" or (matvec_impl == "hybrid" and small)
+  use_pallas = matvec_impl == "pallas" or (
+      matvec_impl == "hybrid"
+      and kernel.size * jnp.dtype(kernel.dtype).itemsize <= HYBRID_MAX_WEIGHT_BYTES)
   spec = matvec_layout(eqn) if use_pallas else None
   if spec is not None:
     layout, n_con = spec
