@@ -243,10 +243,7 @@ def _write(rows, cfg, n_params, w_bytes, bw, diag):
   lines += ["", diag, "", "Command: `python -m experiments.bench_decode` "
             f"(batches {FLAGS.batches}, contexts {FLAGS.contexts}, trials {FLAGS.trials})."]
   text = "\n".join(lines) + "\n"
-  out = FLAGS.out
-  if os.environ.get("OUT"):
-    out = os.path.join(os.environ["OUT"], os.path.basename(out))
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  out = devtime.output_path(FLAGS.out)
   with open(out, "w") as f:
     f.write(text)
 

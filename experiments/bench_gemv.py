@@ -141,10 +141,7 @@ def main(argv):
 
 
 def _write(rows, bw):
-  out = FLAGS.out
-  if os.environ.get("OUT"):
-    out = os.path.join(os.environ["OUT"], os.path.basename(out))
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  out = devtime.output_path(FLAGS.out)
   lines = ["# Pallas split-K GEMV vs XLA (decode-shaped products, bf16 weights)", "",
            f"Device: {jax.devices()[0].device_kind}, jax {jax.__version__}; copy bandwidth "
            f"{bw / 1e12:.3f} TB/s (devtime.copy_bandwidth). Command: `python -m "

@@ -15,6 +15,7 @@ the point is to measure HBM bandwidth.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -70,3 +71,12 @@ def copy_bandwidth(trials: int = 7) -> float:
   x = jnp.ones((n,), jnp.float32)
   s = loop_seconds(lambda y: y + 1, x, n_lo=2, n_hi=12, trials=trials)
   return 2 * 4 * n / s
+
+
+def output_path(path: str) -> str:
+  """Where a benchmark writes `path`: under $OUT (basename only) when the device tool sets it,
+  else `path` itself; its directory is created."""
+  if os.environ.get("OUT"):
+    path = os.path.join(os.environ["OUT"], os.path.basename(path))
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  return path

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from experiments import devtime  # noqa: E402
 from experiments.bench_decode import decode_program, model_config, random_params  # noqa: E402
 from effjax.models.transformer import Transformer  # noqa: E402
 
@@ -97,10 +98,7 @@ def main(argv):
     lines.append(f"| `{name[:90]}` | {cnt / n:.1f} | {dur / n:.2f} | {100 * dur / busy_us:.1f} |")
   text = "\n".join(lines) + "\n"
   print(text, flush=True)
-  out = FLAGS.profile_out
-  if os.environ.get("OUT"):
-    out = os.path.join(os.environ["OUT"], os.path.basename(out))
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  out = devtime.output_path(FLAGS.profile_out)
   with open(out, "w") as f:
     f.write(text)
 
