@@ -63,6 +63,7 @@ flags.DEFINE_string("out", "results/kv_decode.md", "markdown output")
 flags.DEFINE_string("json", "", "JSON output (default: --out with .json)")
 flags.DEFINE_bool("sweep", True, "sweep our quantized kernels' launch configs at --sweep_context")
 flags.DEFINE_integer("sweep_context", 65536, "context of the config sweep")
+flags.DEFINE_list("sweep_kernels", [], "subset of tq4,tq2.5,kivi2 to sweep (default: all wanted)")
 flags.DEFINE_integer("check_context", 8192, "context of the correctness checks (0 = no checks)")
 flags.DEFINE_integer("trials", 3, "trials per loop count (median)")
 flags.DEFINE_float("target_ms", 15.0, "device work between the two loop counts, ms")
@@ -201,9 +202,9 @@ def jax_paged(q, kp, vp, tables, lengths):
 # ---- configs ---------------------------------------------------------------------------------------
 
 
-def tq_cfg(gpi=2, warps=4, stages=3, splits=None, tr=False):
+def tq_cfg(gpi=2, warps=4, stages=3, splits=None, tr=False, dq="lut"):
   return dict(groups_per_iter=gpi, num_warps=warps, num_stages=stages, num_splits=splits,
-              transposed=tr, interpret=INTERPRET)
+              transposed=tr, dequant=dq, interpret=INTERPRET)
 
 
 def kivi_cfg(gpi=4, warps=4, stages=3, splits=None):
@@ -216,13 +217,12 @@ def sweep_configs(B, K, S):
   from pallas_kernels.decode_attention import default_num_splits
   more = 2 * default_num_splits(B, K, S, 256)
   if FLAGS.tiny:
-    return {"tq4": [tq_cfg(1), tq_cfg(1, tr=True)], "tq2.5": [tq_cfg(1, tr=True)],
+    return {"tq4": [tq_cfg(1), tq_cfg(1, tr=True, dq="poly")], "tq2.5": [tq_cfg(1, tr=True)],
             "kivi2": [kivi_cfg(1)]}
-  tq4 = [tq_cfg(4), tq_cfg(2), tq_cfg(8, stages=2), tq_cfg(4, warps=8),
-         tq_cfg(4, tr=True), tq_cfg(2, tr=True), tq_cfg(8, tr=True), tq_cfg(4, warps=8, tr=True),
-         tq_cfg(4, splits=more, tr=True)]
-  tq25 = [tq_cfg(4), tq_cfg(8, stages=2), tq_cfg(4, tr=True), tq_cfg(8, tr=True),
-          tq_cfg(2, tr=True)]
+  tq4 = [tq_cfg(2, dq="poly"), tq_cfg(2), tq_cfg(4), tq_cfg(4, tr=True), tq_cfg(4, stages=2),
+         tq_cfg(1), tq_cfg(4, splits=more)]
+  tq25 = [tq_cfg(2, dq="poly"), tq_cfg(2), tq_cfg(4), tq_cfg(4, tr=True), tq_cfg(4, stages=2),
+          tq_cfg(8, stages=2), tq_cfg(4, splits=more)]
   kv2 = [kivi_cfg(1), kivi_cfg(2), kivi_cfg(4)]
   return {"tq4": tq4, "tq2.5": tq25, "kivi2": kv2}
 
@@ -315,15 +315,16 @@ def main(argv):
       kp = qda.turboquant_parts(TurboQuant(H, bits, seed=1), k.astype(jnp.float32))
       vp = qda.turboquant_parts(TurboQuant(H, bits, seed=2), v.astype(jnp.float32))
       r = qda.turboquant_decode_reference(q, kp, vp, lengths)
-      for tr in (False, True):
+      for tr, dq in ((False, "poly"), (True, "poly"), (False, "lut"), (True, "lut")):
         try:
-          o = qda.turboquant_decode_attention(q, kp, vp, lengths, transposed=tr,
+          o = qda.turboquant_decode_attention(q, kp, vp, lengths, transposed=tr, dequant=dq,
                                               interpret=INTERPRET)
-          note("check", f"| TurboQuant {bits}b ({'kq' if tr else 'qk'}) vs its dequantized ref | "
-                        f"{rel(o, r):.2e} (quantized vs exact: {rel(r, ref):.3f}) |",
-               kernel=f"tq{bits}", transposed=tr, rel_err=rel(o, r), quant_err=rel(r, ref))
+          note("check", f"| TurboQuant {bits}b ({'kq' if tr else 'qk'}, {dq}) vs its dequantized "
+                        f"ref | {rel(o, r):.2e} (quantized vs exact: {rel(r, ref):.3f}) |",
+               kernel=f"tq{bits}", transposed=tr, dequant=dq, rel_err=rel(o, r),
+               quant_err=rel(r, ref))
         except Exception as e:  # noqa: BLE001
-          note("check", f"| TurboQuant {bits}b tr={tr} | failed {type(e).__name__}: {str(e)[:200]} |")
+          note("check", f"| TurboQuant {bits}b tr={tr} {dq} | failed {type(e).__name__}: {str(e)[:200]} |")
     for bits in (2, 4):
       kq = kivi.quantize_keys(k.astype(jnp.float32), bits)
       vq = kivi.quantize_values(v.astype(jnp.float32), bits)
@@ -376,7 +377,7 @@ def main(argv):
     kk = jax.random.split(jax.random.fold_in(key, 7), 4)
     q = jax.random.normal(kk[3], (B, N, H), jnp.float32).astype(jnp.bfloat16)
     for name, cfgs in sweep_configs(B, K, S).items():
-      if not want(name):
+      if not want(name) or (FLAGS.sweep_kernels and name not in FLAGS.sweep_kernels):
         continue
       if name.startswith("tq"):
         sets, nb = tq_sets(kk, S, 4 if name == "tq4" else 2.5, q)
@@ -446,7 +447,7 @@ def main(argv):
     for bits in (4, 2.5, 3, 2):
       if not want(f"tq{bits}") or (FLAGS.tiny and bits in (3, 2)):
         continue
-      cfg = best["tq4"] if bits >= 3 else best["tq2.5"]
+      cfg = best["tq4"] if bits == 4 else best["tq2.5"]  # 3-bit: LUT-able like 2.5
       sets, nb = tq_sets(kk[6:8], S, bits, q)
       run(f"ours TurboQuant {bits}-bit", functools.partial(qda.turboquant_decode_attention, **cfg),
           sets, nb, cfg_str(cfg))

@@ -34,6 +34,7 @@ where S64 = S rounded up to a multiple of 64.
 from __future__ import annotations
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 from flax import struct
 
@@ -78,16 +79,41 @@ def _pad_tokens(x):
   return x
 
 
+def _f16_step(x16, up: bool):
+  """The next float16 above (up) or below x16 (finite), by integer arithmetic on the bit pattern.
+
+  Not `jnp.nextafter`: XLA may evaluate a float16 nextafter in float32 and round back (a no-op).
+  """
+  u = lax.bitcast_convert_type(x16, jnp.uint16).astype(jnp.int32)
+  neg, mag = (u >> 15) == 1, u & 0x7FFF
+  away = neg != up  # moving away from zero: magnitude + 1
+  stepped = jnp.where(away, u + 1, u - 1)
+  from_zero = jnp.int32(0x0001 if up else 0x8001)  # +-smallest subnormal
+  return lax.bitcast_convert_type(jnp.where(mag == 0, from_zero, stepped).astype(jnp.uint16),
+                                  jnp.float16)
+
+
+def _as_f16(x32):
+  """(float16 value, its exact float32 value) of round-to-nearest(x32).
+
+  The optimization barrier keeps XLA from folding convert(convert(x, f16), f32) back to x (the GPU
+  compiler's default "excess precision" rewrite does so inside some fusions and not others, which made
+  the cache's and the offline quantizer's scales differ by one float16 ulp on the H200).
+  """
+  x16 = lax.optimization_barrier(x32.astype(jnp.float16))
+  return x16, x16.astype(jnp.float32)
+
+
 def _scale_zero(lo, hi, bits):
   """float16 (scale, zero) with zero <= lo and zero + (2^b - 1) * scale >= hi."""
   levels = (1 << bits) - 1
-  z16 = lo.astype(jnp.float16)
-  z16 = jnp.where(z16.astype(jnp.float32) > lo, jnp.nextafter(z16, jnp.float16(-jnp.inf)), z16)
+  z16, zf = _as_f16(lo)
+  z16 = jnp.where(zf > lo, _f16_step(z16, up=False), z16)
   s32 = (hi - z16.astype(jnp.float32)) / levels
-  s16 = s32.astype(jnp.float16)
-  s16 = jnp.where(s16.astype(jnp.float32) < s32, jnp.nextafter(s16, jnp.float16(jnp.inf)), s16)
+  s16, sf = _as_f16(s32)
+  s16 = jnp.where(sf < s32, _f16_step(s16, up=True), s16)
   s16 = jnp.where(s16 > 0, s16, jnp.float16(1.0))
-  return s16, z16
+  return lax.optimization_barrier((s16, z16))
 
 
 def _codes(x, s16, z16, bits):

@@ -38,15 +38,18 @@ def _lengths(rng, B, S):
   return jnp.asarray(ls + [int(rng.integers(1, S))] * (B - len(ls)), jnp.int32)
 
 
-@pytest.mark.parametrize("k_bits,v_bits,group,H,gpi,transposed",
-                         [(4, 2.5, 4, 64, 1, False), (3, 2, 8, 32, 2, True)])
-def test_turboquant_kernel_matches_dequantized_reference(k_bits, v_bits, group, H, gpi, transposed):
+@pytest.mark.parametrize("k_bits,v_bits,group,H,gpi,transposed,dequant,B",
+                         [(4, 2.5, 4, 64, 1, False, "lut", 3), (3, 2, 8, 32, 2, True, "lut", 3),
+                          (2.5, 4, 2, 32, 1, False, "poly", 2)])
+def test_turboquant_kernel_matches_dequantized_reference(k_bits, v_bits, group, H, gpi, transposed,
+                                                         dequant, B):
   rng, seed = _rng()
-  B, S, K = 3, 128 if gpi == 1 else 256, 2
+  S, K = 128 if gpi == 1 else 256, 2
   q, k, v = _inputs(rng, B, S, K, group, H)
-  tq_k = TurboQuant(H, k_bits, seed=int(rng.integers(1 << 30)))
-  tq_v = TurboQuant(H, v_bits, seed=int(rng.integers(1 << 30)), num_outlier_channels=16
-                    ) if v_bits % 1 else TurboQuant(H, v_bits, seed=int(rng.integers(1 << 30)))
+  def quantizer(bits):
+    extra = dict(num_outlier_channels=16) if bits % 1 else {}
+    return TurboQuant(H, bits, seed=int(rng.integers(1 << 30)), **extra)
+  tq_k, tq_v = quantizer(k_bits), quantizer(v_bits)
   kp = qda.turboquant_parts(tq_k, k)
   vp = qda.turboquant_parts(tq_v, v)
   # the kernel layout decodes to exactly the quantizer's own reconstruction
@@ -54,8 +57,8 @@ def test_turboquant_kernel_matches_dequantized_reference(k_bits, v_bits, group, 
                              np.asarray(tq_v.decode(tq_v.encode(v))), rtol=2e-3, atol=2e-3)
   lengths = _lengths(rng, B, S)
   out, lse = qda.turboquant_decode_attention(q, kp, vp, lengths, num_splits=2, groups_per_iter=gpi,
-                                             transposed=transposed, interpret=INTERPRET,
-                                             return_lse=True)
+                                             transposed=transposed, dequant=dequant,
+                                             interpret=INTERPRET, return_lse=True)
   ref = qda.turboquant_decode_reference(q, kp, vp, lengths)
   assert out.shape == q.shape and out.dtype == q.dtype
   err = _rel(out, ref)
@@ -129,3 +132,28 @@ def test_bad_input():
                                     interpret=True)
   with pytest.raises(ValueError, match="kind='mse'"):
     qda.turboquant_parts(TurboQuant(32, 3, kind="prod"), k)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lut_instruction_sequence_gives_the_bf16_codebook(bits):
+  """The prmt instruction sequence of the "lut" dequantization (emulated bit for bit) and the
+  interpret-mode lookup both return bf16(c[code]) for every code of every field: all 256 byte
+  words at 2 bits, fresh random words at 3 bits (fields < 8) and 4 bits."""
+  from effjax.quant.lloyd_max import lloyd_max_codebook
+  rng, seed = _rng()
+  c = np.asarray(lloyd_max_codebook(int(rng.choice([64, 128, 96])), bits).centroids, np.float32)
+  lut = list(qda.codebook_lut_words(c, bits))
+  if bits == 2:
+    w = rng.permutation(256).astype(np.uint8).reshape(16, 16)
+  else:
+    w = rng.integers(0, 1 << 16, (16, 64)).astype(np.uint16)
+    if bits == 3:
+      w &= 0x7777
+  fw = 2 if bits == 2 else 4
+  for j in range(4):
+    code = (w.astype(np.int64) >> (j * fw)) & ((1 << fw) - 1)
+    want = np.asarray(jnp.asarray(c[code]).astype(jnp.bfloat16), np.float32)
+    got = np.asarray(qda._lut_decode_emulated(jnp.asarray(w), bits, j, lut), np.float32)
+    np.testing.assert_array_equal(got, want, err_msg=f"seed={seed} field {j}")
+    got = np.asarray(qda._lut_decode(jnp.asarray(w), bits, j, lut, emulate=True), np.float32)
+    np.testing.assert_array_equal(got, want, err_msg=f"seed={seed} field {j}")

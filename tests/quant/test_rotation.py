@@ -8,6 +8,8 @@ import scipy.linalg
 from effjax.quant import HaarRotation, HadamardRotation, fwht, make_rotation
 from tests.conftest import rel_err
 
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # float32 bounds: no TF32 on GPU
+
 
 def test_haar_orthogonal_and_apply_matches_matrix(rng):
   dim = int(rng.integers(3, 97))

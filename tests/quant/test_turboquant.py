@@ -9,6 +9,8 @@ import pytest
 from effjax.quant import TurboQuant, lloyd_max_codebook, validate
 from tests.conftest import rel_err
 
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # float32 bounds: no TF32 on GPU
+
 
 def _sphere(rng, n, d, scale=True):
   x = rng.standard_normal((n, d))
