@@ -43,6 +43,8 @@ from pallas_kernels.flash_attention import BlockSizes, flash_attention, lookup_b
 VARIANTS = {
     "pallas": ({}, ("fwd", "fwd+bwd")),
     "pallas_fma": ({"fma_softmax": True}, ("fwd", "fwd+bwd")),
+    "pallas_ftz": ({"ftz_exp2": True}, ("fwd", "fwd+bwd")),
+    "pallas_ftz_fma": ({"ftz_exp2": True, "fma_softmax": True}, ("fwd", "fwd+bwd")),
     "atomic": ({"dq_atomic": True}, ("fwd+bwd",)),
     "atomic_w8": ({"dq_atomic": True, "dkv_num_warps": 8}, ("fwd+bwd",)),
     "atomic_64x128": ({"dq_atomic": True, "dkv_block_q": 64, "dkv_block_k": 128,

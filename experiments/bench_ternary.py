@@ -128,6 +128,8 @@ def configs(m: int, k4: int, n4: int, sweep: bool):
     if sweep and m == 1:
       d0 = tm.dp4a_config(m, k4, n4)["split_k"]
       w8 = dict(num_warps=8)
+      out += [("dp4a", dict(prefetch=False)), ("dp4a", dict(w8, prefetch=False)),
+              ("dp4a", dict(w8, block_w=32, block_k=8, split_k=d0 // 2))]
       out += [("dp4a", w8), ("dp4a", dict(w8, block_k=16)), ("dp4a", dict(w8, block_w=32)),
               ("dp4a", dict(w8, block_w=128, block_k=4)), ("dp4a", dict(w8, split_k=d0 // 2)),
               ("dp4a", dict(w8, split_k=d0 // 2, num_stages=2)),
@@ -155,7 +157,7 @@ def configs(m: int, k4: int, n4: int, sweep: bool):
 
 def resolved(impl, kw, m, k4, n4):
   """The tiling a config resolves to (for the table)."""
-  extra = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages", "reduce")}
+  extra = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages", "reduce", "prefetch")}
   if impl == "gemv":
     return {**tm.gemv_config(m, k4, n4, kw.get("block_t"), kw.get("block_w"), kw.get("block_k"),
                              kw.get("split_k")), **extra}
@@ -170,7 +172,7 @@ def resolved(impl, kw, m, k4, n4):
 
 def fmt_cfg(impl, cfg):
   short = dict(block_t="t", block_m="m", block_w="w", block_k="k", split_k="s", num_warps="nw",
-               num_stages="ns", xla_layout="", xla_barrier="barrier=")
+               num_stages="ns", xla_layout="", xla_barrier="barrier=", prefetch="prefetch=")
   parts = []
   for k, v in cfg.items():
     if k == "reduce":

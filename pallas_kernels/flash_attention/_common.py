@@ -51,6 +51,9 @@ class KernelConfig:
   # Triton: in tiles that need no mask, exponentiate exp2(qkᵀ * c - m) with c = scale * log2(e)
   # (one FMA per score) instead of scaling the scores first and subtracting after (mul + sub).
   fma_softmax: bool = False
+  # Triton: exp2 as PTX ex2.approx.ftz.f32 (`pallas_kernels.ptx.exp2_ftz`): one MUFU per value
+  # instead of ptxas's subnormal-handling expansion of the non-ftz form.
+  ftz_exp2: bool = False
 
   @property
   def offset(self) -> int:

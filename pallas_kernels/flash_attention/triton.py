@@ -52,6 +52,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import ptx
 from pallas_kernels.flash_attention import _common as C
 
 
@@ -92,12 +93,19 @@ def _loop_segments(lo, full_lo, full_hi, hi, body, carry):
   return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
+def _exp_fn(cfg: C.KernelConfig):
+  """The softmax exponential: `ptx.exp2_ftz` when `cfg.ftz_exp2`, else `_common.exp_fn`."""
+  if cfg.ftz_exp2:
+    return functools.partial(ptx.exp2_ftz, interpret=cfg.interpret)
+  return C.exp_fn(cfg)
+
+
 # ----------------------------------------------------------------------------------- forward
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *,
                 cfg: C.KernelConfig, bq: int, gp: int, bn: int, nq: int, nk: int,
                 padded_kv: int, reverse: bool):
-  exp = C.exp_fn(cfg)
+  exp = _exp_fn(cfg)
   pid = pl.program_id(0)
   i = (nq - 1 - pid) if reverse else pid
   t0 = i * bq
@@ -216,7 +224,7 @@ def _probs(a, b, lse, mask_fn, cfg: C.KernelConfig, masked: bool, lse_axis: int)
   `mask_fn()` gives the tile's mask (or None). Unmasked tiles with `fma_softmax` use one FMA.
   """
   lse_b = lse[:, None] if lse_axis == 1 else lse[None, :]
-  exp = C.exp_fn(cfg)
+  exp = _exp_fn(cfg)
   if C.folds_scale(cfg) and not masked:
     return exp(C.dot_nt(a, b, cfg) * C.logit_factor(cfg) - lse_b), None
   s, th = C.logits(a, b, cfg)

@@ -126,9 +126,10 @@ TRITON_CASES = [
                  dict(blocks=SMALL.replace(dq_atomic=True, dkv_block_q=32),
                       dtype=jnp.bfloat16, seg="single", causal=True), id="atomic-dq-bf16-seg"),
     # FMA-folded softmax exponent (only in tiles without a mask: S multiple of the tile, or the
-    # interior of a causal band), alone and with the atomic-dQ / transposed backward.
-    pytest.param(1, 64, 96, 4, 2, 64, dict(blocks=SMALL.replace(fma_softmax=True)),
-                 id="fma-unmasked-gqa2"),
+    # interior of a causal band), alone and with the atomic-dQ / transposed backward; the non-ftz
+    # exp2 (ftz_exp2=False; the default is ex2.approx.ftz).
+    pytest.param(1, 64, 96, 4, 2, 64, dict(blocks=SMALL.replace(fma_softmax=True, ftz_exp2=False)),
+                 id="fma-no-ftz-unmasked-gqa2"),
     pytest.param(1, 100, 131, 4, 1, 64,
                  dict(blocks=SMALL.replace(fma_softmax=True, dq_atomic=True, dkv_block_q=32),
                       causal=True, window=(50, None)), id="fma-atomic-causal-window-pad"),

@@ -43,7 +43,7 @@ def _check(y, ref, seed, tol):
 
 @pytest.mark.parametrize("impl,kw,words", [
     ("dp4a", {}, True),                                                   # automatic tiling
-    ("dp4a", {"split_k": 2, "block_k": 2, "block_w": 8, "block_t": 2}, False),
+    ("dp4a", {"split_k": 2, "block_k": 2, "block_w": 8, "block_t": 2, "prefetch": False}, False),
     ("dp4a", {"reduce": "fused", "split_k": 2, "block_k": 4, "block_w": 16}, True),
     ("dp4a", {"reduce": "fused", "split_k": 1, "block_k": 2, "block_w": 8, "block_t": 4}, False),
     ("gemv", {}, True),                                                   # automatic tiling
@@ -177,6 +177,7 @@ def test_gpu_large_shapes_auto(m):
 @pytest.mark.skipif(not ON_GPU, reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("impl,m,kw", [
     ("dp4a", 1, {}), ("dp4a", 1, dict(block_w=128, block_k=4)), ("dp4a", 8, {}),
+    ("dp4a", 1, dict(prefetch=False)), ("dp4a", 3, dict(prefetch=False, block_t=4, block_k=2)),
     ("dp4a", 3, dict(block_t=4, block_w=32, block_k=2, num_warps=8)),
     ("dp4a", 1, dict(reduce="fused")), ("dp4a", 1, dict(reduce="fused", split_k=1, block_k=16,
                                                         num_stages=3)),
