@@ -33,7 +33,11 @@ Kernel-side choices (ours, not the papers'):
   Bits read per value: TurboQuant b-bit at d=128 with float16 norms = b + 0.125 (3-bit: 4.125);
   2.5-bit (32 ch at 3 bits in 4-bit fields + 96 at 2) = 2.75; KIVI-b = b + 1 (float16 scale+zero
   per 32 elements).
-* Codebook lookup without gathers: a symmetric Lloyd-Max codebook c[0..n-1] (n = 2^b) is the odd
+* Codebook lookup (default `dequant="lut"`): the bf16 codebook's low and high bytes are held in
+  registers and the packed codes become PTX `prmt` byte-permute selectors, so a lookup is a few
+  integer instructions per 2-4 values and yields the bf16-rounded centroid exactly (section "byte-
+  permute table" below; H200, 64k: 1.5x faster than the polynomial at 2.5 bits, 1.4x at 4 bits).
+* Codebook lookup without gathers, `dequant="poly"`: a symmetric Lloyd-Max codebook c[0..n-1] (n = 2^b) is the odd
   polynomial c(x) = x * sum_k a_k x^(2k), x = 2 idx - (n-1), through its n points (a_k solved once in
   float64 on the host, `codebook_poly_coeffs`; evaluation error ~1e-7 relative in float32). At 4 bits
   the kernels use a 5-term fit instead of the 8-term interpolant (`FAST_CODEBOOK_TERMS`: max error
@@ -63,9 +67,9 @@ Kernel-side choices (ours, not the papers'):
   2.75/16 (TQ-2.5) of bf16 K+V = 553 MB / 369 MB -> ~135 us / ~90 us at ~4.1 TB/s. The decoding
   arithmetic is the real bound: per element (K and V: 1.07e9 per step) ~2 integer ops (shift, mask
   / LOP3), 1 FADD (magic-number int->float), 2^(b-1)+1 FMA/FMUL (odd codebook polynomial: 9 at 4
-  bits, 3 at 2 bits) and half a bf16 pack, i.e. ~13.5 (4-bit) / ~7.5 (2-bit) ops per element ->
-  ~0.45 ms / ~0.25 ms of pure ALU issue at 3.3e13 lane-ops/s. The issue's 3x / 4x targets over
-  XLA (<= 602 us / <= 451 us at 64k) therefore leave little room for layout-conversion overhead.
+  bits, 3 at 2 bits) and half a bf16 pack, i.e. ~13.5 (4-bit) / ~7.5 (2-bit) ops per element on
+  the "poly" path; the "lut" path needs ~1.5 (2-bit), 2.5 (3-bit) and 6 (4-bit). Measured
+  (RESULTS.md, loop-timed): 2.5-bit 609 us and 4-bit 717 us per 64k step, 5.4x / 4.6x XLA.
 * References (`turboquant_decode_reference`, `kivi_decode_reference`) dequantize to float32 with plain
   jnp (centroid gathers, explicit Pi^T) and call the dense float32 reference.
 """
