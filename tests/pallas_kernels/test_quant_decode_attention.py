@@ -38,13 +38,14 @@ def _lengths(rng, B, S):
   return jnp.asarray(ls + [int(rng.integers(1, S))] * (B - len(ls)), jnp.int32)
 
 
-@pytest.mark.parametrize("k_bits,v_bits,group,H,gpi,transposed,dequant,B",
-                         [(4, 2.5, 4, 64, 1, False, "lut", 3), (3, 2, 8, 32, 2, True, "lut", 3),
-                          (2.5, 4, 2, 32, 1, False, "poly", 2)])
+@pytest.mark.parametrize("k_bits,v_bits,group,H,gpi,transposed,dequant,B,S",
+                         [(4, 2.5, 4, 64, 1, False, "lut", 3, 128),
+                          (3, 2, 8, 32, 2, True, "lut", 3, 256),
+                          (4, 2, 2, 32, 1, False, "poly", 2, 64)])
 def test_turboquant_kernel_matches_dequantized_reference(k_bits, v_bits, group, H, gpi, transposed,
-                                                         dequant, B):
+                                                         dequant, B, S):
   rng, seed = _rng()
-  S, K = 128 if gpi == 1 else 256, 2
+  K = 2
   q, k, v = _inputs(rng, B, S, K, group, H)
   def quantizer(bits):
     extra = dict(num_outlier_channels=16) if bits % 1 else {}
