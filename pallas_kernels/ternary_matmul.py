@@ -386,6 +386,14 @@ def _resolve_split(rows: int, bk: int, other_programs: int, split_k: int | None,
   return split_k, _pow2_divisor(rows // split_k, bk)
 
 
+def _token_tiles(m: int, n4: int, block_t: int | None, block_w: int | None):
+  """(tokens per program, words per column tile, programs before split-K) for gemv / dp4a."""
+  tm = block_t or min(8, _pow2_ceil(m))
+  tm = _pow2_divisor(tm, tm)
+  bw = _pow2_divisor(n4, block_w or 64)
+  return tm, bw, (n4 // bw) * (-(-m // tm))
+
+
 def gemv_config(m: int, k4: int, n4: int, block_t: int | None = None, block_w: int | None = None,
                 block_k: int | None = None, split_k: int | None = None) -> dict:
   """Resolved gemv tiling for M tokens and words [k4, n4]; None fields get the automatic value.
@@ -394,11 +402,9 @@ def gemv_config(m: int, k4: int, n4: int, block_t: int | None = None, block_w: i
   bytes per row, 16-byte vector loads); bk4 = 64 // tm rows (the per-token accumulators live in
   registers: 2 * tm tiles of bk4 x bw int32), at least 8; split_k = `_auto_split`.
   """
-  tm = block_t or min(8, _pow2_ceil(m))
-  tm = _pow2_divisor(tm, tm)
-  bw = _pow2_divisor(n4, block_w or 64)
-  split_k, bk4 = _resolve_split(k4, block_k or max(8, 64 // tm), (n4 // bw) * (-(-m // tm)),
-                                split_k, "packed rows K4")
+  tm, bw, programs = _token_tiles(m, n4, block_t, block_w)
+  split_k, bk4 = _resolve_split(k4, block_k or max(8, 64 // tm), programs, split_k,
+                                "packed rows K4")
   return dict(block_t=tm, block_w=bw, block_k=bk4, split_k=split_k)
 
 
@@ -435,11 +441,9 @@ def dp4a_config(m: int, k4: int, n4: int, block_t: int | None = None,
     raise ValueError(f"the dp4a kernel needs the packed rows K4={k4} to be a multiple of 4 "
                      "(export with align >= 4), use impl='gemv'")
   k16 = k4 // 4
-  tm = block_t or min(8, _pow2_ceil(m))
-  tm = _pow2_divisor(tm, tm)
-  bw = _pow2_divisor(n4, block_w or 64)
-  split_k, bk = _resolve_split(k16, block_k or max(2, 8 // tm), (n4 // bw) * (-(-m // tm)),
-                               split_k, "row groups K4/4")
+  tm, bw, programs = _token_tiles(m, n4, block_t, block_w)
+  split_k, bk = _resolve_split(k16, block_k or max(2, 8 // tm), programs, split_k,
+                               "row groups K4/4")
   return dict(block_t=tm, block_w=bw, block_k=bk, split_k=split_k)
 
 
