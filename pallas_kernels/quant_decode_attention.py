@@ -90,6 +90,7 @@ from flax import struct
 
 from effjax.quant import kivi as kivi_lib
 from effjax.quant import token_packing
+from pallas_kernels import ptx
 from pallas_kernels.decode_attention import (LOG2E, _NEG_BIG, _next_pow2, combine_splits,
                                              decode_attention_reference, default_num_splits,
                                              split_range)
@@ -205,7 +206,7 @@ def _codebook_eval(code2_u32, coeffs, n: int):
 #     the top bit of each code (now a byte's sign bit) over its 16-bit lane, one LOP3 selects.
 #     12 instructions per 2 values (vs ~10 per value for the 5-term polynomial).
 # Interpret mode looks the same table words up value by value; `_lut_decode_emulated` runs the exact
-# instruction sequences on a jnp emulation of prmt (`_emu_prmt`), and a test checks it against the
+# instruction sequences on a jnp emulation of prmt (`ptx.prmt_emulated`), and a test checks it against the
 # codebook for every code.
 
 DEQUANTS = ("lut", "poly")
@@ -233,19 +234,6 @@ def codebook_lut_words(centroids, bits: int):
     words = [word(lo[:4]), word(lo[4:8]), word(hi[:4]), word(hi[4:8])]
     words += [word(lo[8:12]), word(lo[12:]), word(hi[8:12]), word(hi[12:])] if bits == 4 else [z] * 4
   return lax.bitcast_convert_type(jnp.stack(words).astype(jnp.uint32), jnp.int32)
-
-
-def _emu_prmt(a, b, sel):
-  """jnp emulation of `prmt.b32 d, a, b, sel` (default mode) on uint32 arrays, runtime selectors."""
-  a, b, sel = jnp.broadcast_arrays(a, b, sel)
-  src = jnp.stack([(x >> jnp.uint32(8 * i)) & 0xFF for x in (a, b) for i in range(4)], axis=-1)
-  out = jnp.zeros_like(a)
-  for k in range(4):
-    nib = (sel >> jnp.uint32(4 * k)) & 0xF
-    byte = jnp.take_along_axis(src, (nib & 7).astype(jnp.int32)[..., None], axis=-1)[..., 0]
-    byte = jnp.where(nib >= 8, jnp.where(byte >= 0x80, jnp.uint32(0xFF), jnp.uint32(0)), byte)
-    out = out | (byte << jnp.uint32(8 * k))
-  return out
 
 
 def _asm_lut2(j: int) -> str:
@@ -324,18 +312,18 @@ def _lut_decode_emulated(w_RC, bits: int, j: int, lut):
   reg = sum(g[..., i] << jnp.uint32(32 // per * i) for i in range(per))
   if bits == 2:
     t = ((reg >> jnp.uint32(2 * j)) & 0x03030303) * 17 + 0x40404040
-    outs = [_emu_prmt(u[0], u[1], t), _emu_prmt(u[0], u[1], t >> jnp.uint32(16))]
+    outs = [ptx.prmt_emulated(u[0], u[1], t), ptx.prmt_emulated(u[0], u[1], t >> jnp.uint32(16))]
   elif bits == 3:
-    t = _emu_prmt(reg >> jnp.uint32(4 * j), jnp.zeros_like(reg), jnp.full_like(reg, 0x0020))
-    a, b = _emu_prmt(u[0], u[1], t), _emu_prmt(u[2], u[3], t)
-    outs = [_emu_prmt(a, b, jnp.full_like(reg, 0x6240))]
+    t = ptx.prmt_emulated(reg >> jnp.uint32(4 * j), jnp.zeros_like(reg), jnp.full_like(reg, 0x0020))
+    a, b = ptx.prmt_emulated(u[0], u[1], t), ptx.prmt_emulated(u[2], u[3], t)
+    outs = [ptx.prmt_emulated(a, b, jnp.full_like(reg, 0x6240))]
   else:
     uu = reg >> jnp.uint32(4 * j)
-    t = _emu_prmt(uu & 0x00070007, jnp.zeros_like(reg), jnp.full_like(reg, 0x0020))
+    t = ptx.prmt_emulated(uu & 0x00070007, jnp.zeros_like(reg), jnp.full_like(reg, 0x0020))
     il = jnp.full_like(reg, 0x6240)
-    n = _emu_prmt(_emu_prmt(u[0], u[1], t), _emu_prmt(u[2], u[3], t), il)
-    p = _emu_prmt(_emu_prmt(u[4], u[5], t), _emu_prmt(u[6], u[7], t), il)
-    m = _emu_prmt(uu << jnp.uint32(4), jnp.zeros_like(reg), jnp.full_like(reg, 0xAA88))
+    n = ptx.prmt_emulated(ptx.prmt_emulated(u[0], u[1], t), ptx.prmt_emulated(u[2], u[3], t), il)
+    p = ptx.prmt_emulated(ptx.prmt_emulated(u[4], u[5], t), ptx.prmt_emulated(u[6], u[7], t), il)
+    m = ptx.prmt_emulated(uu << jnp.uint32(4), jnp.zeros_like(reg), jnp.full_like(reg, 0xAA88))
     outs = [(p & m) | (n & ~m)]  # lop3 0xE4
   halves = [h for o in outs for h in (o & 0xFFFF, o >> jnp.uint32(16))]
   y16 = jnp.stack(halves, axis=-1).astype(jnp.uint16).reshape(R, C)

@@ -79,6 +79,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from effjax.layers.bitlinear import int8_act_codes
 from effjax.quant.ternary import PackedTernary, unpack_2bit, words_2bit
+from pallas_kernels import ptx
 
 __all__ = ["ternary_matmul_reference", "ternary_matmul", "ternary_linear", "gemv_config",
            "dot_config", "dp4a_config", "auto_impl", "DP4A_MAX_M", "GEMV_MAX_M", "DOT_MAX_M", "IMPLS", "REDUCES", "XLA_LAYOUTS",
@@ -240,20 +241,12 @@ _CODE_MASK = 0x03030303
 _ONES = 0x01010101
 
 
-def _byte(w, b: int):
-  return lax.shift_right_logical(w, jnp.int32(8 * b)) & 0xFF
-
-
 def _prmt(a, b, selector: int, emulate: bool):
   """PTX prmt.b32 (default mode): byte k of the result = byte (selector >> 4k) & 7 of {b, a}."""
   if emulate:
-    src = (a, b)
-    out = None
-    for k in range(4):
-      s = (selector >> (4 * k)) & 7
-      v = _byte(src[s // 4], s % 4) << (8 * k)
-      out = v if out is None else out | v
-    return out
+    w = lambda x: lax.bitcast_convert_type(x, jnp.uint32)  # noqa: E731
+    out = ptx.prmt_emulated(w(a), w(b), jnp.full(a.shape, selector, jnp.uint32))
+    return lax.bitcast_convert_type(out, jnp.int32)
   [out] = plgpu.elementwise_inline_asm(
       f"prmt.b32 $0, $1, $2, {selector:#06x};", args=[a, b], constraints="=r,r,r", pack=1,
       result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
