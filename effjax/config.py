@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
-MATVEC_IMPLS = ("xla", "pallas", "hybrid")
+MATVEC_IMPLS = ("xla", "pallas", "hybrid", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 MLP_TYPES = ("swiglu", "relu2")
@@ -51,7 +51,10 @@ class ModelConfig:
   most `pallas_kernels.gemv.MAX_M` rows (decoding): "xla" (jnp.einsum) or "pallas" (the split-K
   Pallas GEMV of `pallas_kernels.gemv` where its blocks tile the shapes; interpret mode off-GPU;
   opt-in: slower than XLA inside an H200 decode step) or "hybrid" (Pallas for weights up to
-  16 MiB, XLA for larger ones); see `effjax.layers.linear.project`.
+  16 MiB, XLA for larger ones) or "auto" (on a GPU, Pallas only for the products XLA handles
+  badly at one row: weights up to 16 MiB contracted over more than one axis, i.e. the attention
+  output projection; XLA elsewhere and off-GPU; the default: a batch-1 decode step of a 1.24B
+  model 14% faster on an H200, results/decode_bench.md); see `effjax.layers.linear.project`.
   Training and prefill (more rows) always use jnp.einsum.
   """
   vocab_size: int = 260
@@ -70,7 +73,7 @@ class ModelConfig:
   rope_original_max_len: int = 8192
   tie_embeddings: bool = True
   attention_impl: str = "xla"
-  matvec_impl: str = "xla"
+  matvec_impl: str = "auto"
   attention_bias: bool = False
   qk_norm: bool = False
   norm_eps: float = 1e-6

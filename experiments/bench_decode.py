@@ -53,8 +53,8 @@ flags.DEFINE_string("out", "results/decode_bench.md", "markdown output")
 flags.DEFINE_bool("tiny", False, "tiny model (CPU smoke run of this script)")
 flags.DEFINE_string("unrolls", "1", "decode steps per while iteration (first is the main "
                     "table; others are extra rows for batch 1, first context)")
-flags.DEFINE_string("variants", "xla:auto", "comma-separated MATVEC:ATTEND kernel choices: "
-                    "model.matvec_impl (xla|pallas) : DenseCache attend_impl "
+flags.DEFINE_string("variants", "auto:auto", "comma-separated MATVEC:ATTEND kernel choices: "
+                    "model.matvec_impl (xla|pallas|hybrid|auto) : DenseCache attend_impl "
                     "(xla|pallas|auto); one table row per (variant, batch, context)")
 flags.DEFINE_bool("diagnose", True, "also time one decode step outside the loop (batch 1, "
                   "first context): separates loop overhead from the step itself")

@@ -33,13 +33,16 @@ from experiments.bench_decode import decode_program, model_config, random_params
 from effjax.models.transformer import Transformer  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("matvec", "xla", "model.matvec_impl")
-flags.DEFINE_string("attend", "pallas", "DenseCache attend_impl")
+flags.DEFINE_string("matvec", "auto", "model.matvec_impl")
+flags.DEFINE_string("attend", "auto", "DenseCache attend_impl")
 flags.DEFINE_integer("batch", 1, "batch")
 flags.DEFINE_integer("context", 2048, "positions already in the cache")
 flags.DEFINE_integer("steps", 32, "decode steps in the traced run")
 flags.DEFINE_integer("top", 40, "kernels listed")
 flags.DEFINE_string("profile_out", "results/decode_profile.md", "markdown output")
+flags.DEFINE_string("anchor", "decode_attention", "--sequence lists the kernels between two "
+                    "consecutive launches of the first kernel whose name contains this (one layer)")
+flags.DEFINE_bool("sequence", True, "also list one layer's kernels in launch order")
 # --tiny comes from experiments.bench_decode (tiny model, CPU smoke run)
 
 
@@ -53,6 +56,22 @@ def device_events(trace):
               n.lower()}
   return [e for e in trace.get("traceEvents", [])
           if e.get("ph") == "X" and e.get("pid") in dev_pids and "dur" in e], pid_names
+
+
+def layer_sequence(evs, anchor):
+  """Markdown lines: the kernels from one launch of the anchor kernel to the next, in order
+  (one layer of the middle decode step), with their durations and the gaps before them."""
+  idx = [i for i, e in enumerate(evs) if anchor in e["name"]]
+  if len(idx) < 3:
+    return ["", f"(sequence: fewer than 3 kernels named like {anchor!r})"]
+  a, b = idx[len(idx) // 2], idx[len(idx) // 2 + 1]
+  out = ["", f"One layer in launch order (from one `{anchor}` launch to the next):", "",
+         "| # | kernel | us | gap before (us) |", "|---:|---|---:|---:|"]
+  for j in range(a, b):
+    e, prev = evs[j], evs[j - 1]
+    gap = e["ts"] - (prev["ts"] + prev["dur"])
+    out.append(f"| {j - a} | `{e['name'][:80]}` | {e['dur']:.2f} | {gap:.2f} |")
+  return out
 
 
 def main(argv):
@@ -96,6 +115,8 @@ def main(argv):
            "| kernel | calls/step | us/step | % of kernel time |", "|---|---:|---:|---:|"]
   for name, (cnt, dur) in rows[:FLAGS.top]:
     lines.append(f"| `{name[:90]}` | {cnt / n:.1f} | {dur / n:.2f} | {100 * dur / busy_us:.1f} |")
+  if FLAGS.sequence:
+    lines += layer_sequence(evs, FLAGS.anchor)
   text = "\n".join(lines) + "\n"
   print(text, flush=True)
   out = devtime.output_path(FLAGS.profile_out)

@@ -51,13 +51,21 @@ def matvec_layout(eqn: str) -> tuple[str, int] | None:
 
 
 HYBRID_MAX_WEIGHT_BYTES = 16 << 20  # "hybrid": Pallas GEMV only for weights up to this size
+# "xla": products with at most this many rows of `x` (decoding, speculative verification) are
+# issued as one 2-D dot on the flattened operands (see `project`); larger ones as the einsum.
+FLAT_MAX_ROWS = 256
 
 
 def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
   """`einsum(eqn, x, kernel)`, returning `out_dtype` (default x's; float32 accumulates in float32).
 
   `matvec_impl`:
-    * "xla": `jnp.einsum` as written, whatever the number of rows;
+    * "xla": XLA's dot. Few-row products (at most `FLAT_MAX_ROWS` rows of `x`) that are a plain
+      matrix product (`matvec_layout`) are written as one 2-D dot of the flattened operands (free
+      reshapes), others as `jnp.einsum`. The 2-D form matters on a GPU: for one row, XLA turns an
+      einsum that contracts two kernel axes (the attention output projection "BTNH,NHD->BTD")
+      into an elementwise product that materialises a weight-sized temporary plus a reduction
+      (16 us instead of ~3 us for a 2048x2048 bf16 matrix on an H200, results/decode_bench.md);
     * "pallas": few-row products (at most `gemv.MAX_M` rows of `x`: decoding) whose equation is a
       plain matrix product (`matvec_layout`) and whose shapes tile with the default blocks run in
       `pallas_kernels.gemv.gemv` on the operands flattened to 2-D (free reshapes; interpret mode
@@ -67,31 +75,53 @@ def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
     * "hybrid": "pallas" for weights of at most `HYBRID_MAX_WEIGHT_BYTES` (q/k/v/o of a 1B model,
       where the H200 sweep measured the Pallas GEMV 2-2.5x faster than XLA's, results/gemv_bench.md)
       and "xla" for larger ones (gate/up, down, LM head: XLA streams those at ~60-100% of copy
-      bandwidth and merges gate/up into one GEMM).
+      bandwidth and merges gate/up into one GEMM);
+    * "auto": on a GPU, "pallas" only for the few-row products XLA handles worst: weights of at
+      most `HYBRID_MAX_WEIGHT_BYTES` contracted over more than one axis (the attention output
+      projection "BTNH,NHD->BTD"; see "xla" above); "xla" for every other product and off-GPU.
   """
   if matvec_impl not in MATVEC_IMPLS:
     raise ValueError(f"matvec_impl: got {matvec_impl!r}, allowed: {list(MATVEC_IMPLS)}")
   want = jnp.dtype(out_dtype or x.dtype)
-  use_pallas = matvec_impl == "pallas" or (
-      matvec_impl == "hybrid"
-      and kernel.size * jnp.dtype(kernel.dtype).itemsize <= HYBRID_MAX_WEIGHT_BYTES)
-  spec = matvec_layout(eqn) if use_pallas else None
-  if spec is not None:
-    layout, n_con = spec
-    row_shape = x.shape[:x.ndim - n_con]
-    m = math.prod(row_shape)
-    k = math.prod(x.shape[x.ndim - n_con:])
-    out_w = kernel.shape[n_con:] if layout == "kn" else kernel.shape[:kernel.ndim - n_con]
-    n = math.prod(out_w)
-    blocks = gemv_lib.default_blocks(m, k, n, layout)
-    if 1 <= m <= gemv_lib.MAX_M and gemv_lib.supported(m, k, n, **blocks):
-      w2 = kernel.reshape((k, n) if layout == "kn" else (n, k))
-      y = gemv_lib.gemv(x.reshape(m, k), w2, w_layout=layout, out_dtype=want,
+  flat = _flatten(eqn, x, kernel)
+  if flat is not None:
+    layout, x_MK, w2, out_shape = flat
+    m, k = x_MK.shape
+    n = w2.size // k
+    small = kernel.size * jnp.dtype(kernel.dtype).itemsize <= HYBRID_MAX_WEIGHT_BYTES
+    use_pallas = (matvec_impl == "pallas" or (matvec_impl == "hybrid" and small) or (
+        matvec_impl == "auto" and small and jax.default_backend() == "gpu"
+        and len(contracted_kernel_axes(eqn)) > 1))
+    blocks = gemv_lib.default_blocks(m, k, n, layout) if use_pallas else None
+    if use_pallas and m <= gemv_lib.MAX_M and gemv_lib.supported(m, k, n, **blocks):
+      y = gemv_lib.gemv(x_MK, w2, w_layout=layout, out_dtype=want,
                         interpret=jax.default_backend() != "gpu", **blocks)
-      return y.reshape(*row_shape, *out_w)
+      return y.reshape(out_shape)
+    if m <= FLAT_MAX_ROWS:
+      pref = None if out_dtype is None else jnp.float32
+      y = jnp.einsum("MK,KN->MN" if layout == "kn" else "MK,NK->MN", x_MK, w2,
+                     preferred_element_type=pref)
+      return y.astype(want).reshape(out_shape)
   if out_dtype is None:  # the plain path
     return jnp.einsum(eqn, x, kernel)
   return jnp.einsum(eqn, x, kernel, preferred_element_type=jnp.float32).astype(want)
+
+
+def _flatten(eqn: str, x, kernel):
+  """(layout, x as [rows, contracted], kernel as 2-D, output shape) when `matvec_layout(eqn)`
+  applies (free reshapes), else None."""
+  spec = matvec_layout(eqn)
+  if spec is None:
+    return None
+  layout, n_con = spec
+  row_shape = x.shape[:x.ndim - n_con]
+  m, k = math.prod(row_shape), math.prod(x.shape[x.ndim - n_con:])
+  out_w = kernel.shape[n_con:] if layout == "kn" else kernel.shape[:kernel.ndim - n_con]
+  n = math.prod(out_w)
+  if m == 0:
+    return None
+  w2 = kernel.reshape((k, n) if layout == "kn" else (n, k))
+  return layout, x.reshape(m, k), w2, (*row_shape, *out_w)
 
 
 class Einsum(nn.Module):
