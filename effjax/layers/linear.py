@@ -51,21 +51,19 @@ def matvec_layout(eqn: str) -> tuple[str, int] | None:
 
 
 HYBRID_MAX_WEIGHT_BYTES = 16 << 20  # "hybrid": Pallas GEMV only for weights up to this size
-# "xla": products with at most this many rows of `x` (decoding, speculative verification) are
-# issued as one 2-D dot on the flattened operands (see `project`); larger ones as the einsum.
-FLAT_MAX_ROWS = 256
 
 
 def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
   """`einsum(eqn, x, kernel)`, returning `out_dtype` (default x's; float32 accumulates in float32).
 
   `matvec_impl`:
-    * "xla": XLA's dot. Few-row products (at most `FLAT_MAX_ROWS` rows of `x`) that are a plain
-      matrix product (`matvec_layout`) are written as one 2-D dot of the flattened operands (free
-      reshapes), others as `jnp.einsum`. The 2-D form matters on a GPU: for one row, XLA turns an
-      einsum that contracts two kernel axes (the attention output projection "BTNH,NHD->BTD")
-      into an elementwise product that materialises a weight-sized temporary plus a reduction
-      (16 us instead of ~3 us for a 2048x2048 bf16 matrix on an H200, results/decode_bench.md);
+    * "xla": `jnp.einsum` as written, whatever the number of rows. On a GPU XLA rewrites one-row
+      products of small weights (< 10M elements) into multiply + reduce; for one-axis
+      contractions it transposes the weight once outside the decode loop and the reduction
+      streams at ~2.3 TB/s on an H200, but for the attention output projection ("BTNH,NHD->BTD",
+      weight contracted over its two leading axes) it materialises a weight-sized product and
+      reduces it in a second kernel: 16 us for a 2048x2048 bf16 matrix (results/decode_bench.md).
+      Flattening the operands to one 2-D dot does not change this (measured);
     * "pallas": few-row products (at most `gemv.MAX_M` rows of `x`: decoding) whose equation is a
       plain matrix product (`matvec_layout`) and whose shapes tile with the default blocks run in
       `pallas_kernels.gemv.gemv` on the operands flattened to 2-D (free reshapes; interpret mode
@@ -78,7 +76,8 @@ def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
       bandwidth and merges gate/up into one GEMM);
     * "auto": on a GPU, "pallas" only for the few-row products XLA handles worst: weights of at
       most `HYBRID_MAX_WEIGHT_BYTES` contracted over more than one axis (the attention output
-      projection "BTNH,NHD->BTD"; see "xla" above); "xla" for every other product and off-GPU.
+      projection "BTNH,NHD->BTD"; see "xla" above: 7 us instead of 16 in an H200 decode step);
+      "xla" for every other product and off-GPU.
   """
   if matvec_impl not in MATVEC_IMPLS:
     raise ValueError(f"matvec_impl: got {matvec_impl!r}, allowed: {list(MATVEC_IMPLS)}")
@@ -97,11 +96,6 @@ def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
       y = gemv_lib.gemv(x_MK, w2, w_layout=layout, out_dtype=want,
                         interpret=jax.default_backend() != "gpu", **blocks)
       return y.reshape(out_shape)
-    if m <= FLAT_MAX_ROWS:
-      pref = None if out_dtype is None else jnp.float32
-      y = jnp.einsum("MK,KN->MN" if layout == "kn" else "MK,NK->MN", x_MK, w2,
-                     preferred_element_type=pref)
-      return y.astype(want).reshape(out_shape)
   if out_dtype is None:  # the plain path
     return jnp.einsum(eqn, x, kernel)
   return jnp.einsum(eqn, x, kernel, preferred_element_type=jnp.float32).astype(want)

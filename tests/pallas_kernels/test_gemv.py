@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from effjax.config import ModelConfig
-from effjax.layers.linear import FLAT_MAX_ROWS, matvec_layout, project
+from effjax.layers.linear import matvec_layout, project
 from effjax.models.transformer import Transformer
 from pallas_kernels.gemv import MAX_M, gemv, gemv_reference
 from tests.conftest import rel_err
@@ -110,28 +110,6 @@ def test_hybrid_routes_by_weight_size(rng, monkeypatch):
       out = project(eqn, x, w, matvec_impl="hybrid")
     ref = jnp.einsum(eqn, x, w, precision=jax.lax.Precision.HIGHEST)
     assert rel_err(out, ref) < 1e-5
-
-
-@pytest.mark.parametrize("rows,flat", [(1, True), (7, True), (FLAT_MAX_ROWS + 1, False)])
-def test_xla_few_row_products_are_one_2d_dot(rng, rows, flat):
-  """matvec_impl="xla": few-row products are one 2-D dot_general (XLA's GPU matvec rewrite turns
-  the two-axis contraction of the output projection into a weight-sized temporary otherwise);
-  many-row products stay the einsum; both equal the float32 einsum, also with out_dtype."""
-  eqn = "BTNH,NHD->BTD"
-  x = jnp.asarray(rng.standard_normal((1, rows, 4, 16)), jnp.bfloat16)
-  w = jnp.asarray(rng.standard_normal((4, 16, 40)), jnp.bfloat16)
-  jaxpr = jax.make_jaxpr(lambda x, w: project(eqn, x, w, out_dtype=jnp.float32))(x, w)
-  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
-  assert len(dots) == 1
-  assert ([v.aval.ndim for v in dots[0].invars] == [2, 2]) == flat
-  ref = jnp.einsum(eqn, x.astype(jnp.float32), w.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
-  with jax.default_matmul_precision("float32"):
-    out = project(eqn, x, w, out_dtype=jnp.float32)
-    out_bf16 = project(eqn, x, w)
-  assert out.dtype == jnp.float32 and out_bf16.dtype == jnp.bfloat16
-  assert rel_err(out, ref) < 1e-5
-  assert rel_err(out_bf16.astype(jnp.float32), ref) < 1e-2
 
 
 def test_auto_routes_only_multi_axis_contractions_on_gpu(rng, monkeypatch):
