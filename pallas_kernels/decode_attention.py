@@ -45,7 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import numpy as np
 
-__all__ = ["decode_attention", "decode_attention_reference", "combine_splits", "default_num_splits"]
+__all__ = ["decode_attention", "decode_attention_reference", "decode_attention_append",
+           "decode_attention_append_reference", "combine_splits", "default_num_splits"]
 
 LOG2E = math.log2(math.e)
 _NEG_BIG = -0.7 * float(np.finfo(np.float32).max)
@@ -173,6 +174,61 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, bl
   write_partials(o_ref, lse_ref, carry)
 
 
+def _append_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, lse_ref, ko_ref, vo_ref, *,
+                   sm_scale, block_k, chunk):
+  """`_decode_kernel` over the cache slots below the new token's position, plus the new token
+  itself (read from kn/vn, not from the cache) in the program whose split holds its position;
+  that program also writes the new key/value into the (aliased) cache at that position."""
+  b, split = pl.program_id(0), pl.program_id(2)
+  S = k_ref.shape[0]
+  pos = pos_ref[b]
+  has_new = (pos >= 0) & (pos < S)
+  cache_len = jnp.clip(pos, 0, S)
+  q_GH = q_ref[...]
+  qscale = sm_scale * LOG2E
+  start, lim, n_full, has_tail = split_range(cache_len, split, chunk, block_k)
+
+  def logits(k_NH):
+    return plgpu.dot(q_GH, k_NH.T, precision=dot_precision(k_NH.dtype)) * qscale
+
+  def body(i, carry):
+    sl = pl.ds(pl.multiple_of(start + i * block_k, block_k), block_k)
+    return online_softmax_step(logits(k_ref[sl, :]), v_ref[sl, :], carry)
+
+  Gp, H = q_GH.shape
+  carry = (jnp.zeros((Gp, H), jnp.float32), jnp.full((Gp,), _NEG_BIG, jnp.float32),
+           jnp.zeros((Gp,), jnp.float32))
+  carry = lax.fori_loop(0, n_full, body, carry)
+
+  def tail(carry):
+    t0 = start + n_full * block_k
+    valid_N = t0 + jnp.arange(block_k) < lim
+    sl = pl.ds(t0, block_k)
+    k_NH = plgpu.load(k_ref.at[sl, :], mask=valid_N[:, None], other=0.0)
+    v_NH = plgpu.load(v_ref.at[sl, :], mask=valid_N[:, None], other=0.0)
+    s_GN = jnp.where(valid_N[None, :], logits(k_NH), _NEG_BIG)
+    return online_softmax_step(s_GN, v_NH, carry)
+
+  carry = lax.cond(has_tail, tail, lambda c: c, carry)
+  owner = has_new & (pos >= split * chunk) & (pos < (split + 1) * chunk)
+  kn_H, vn_H = kn_ref[...], vn_ref[...]
+  # the new token: one key, so an elementwise dot (exact products of the stored-precision values)
+  s_G = jnp.sum(q_GH.astype(jnp.float32) * kn_H.astype(jnp.float32)[None, :], axis=1) * qscale
+  acc_GH, m_G, l_G = carry
+  m_new = jnp.where(owner, jnp.maximum(m_G, s_G), m_G)
+  alpha = jnp.exp2(m_G - m_new)
+  p_G = jnp.where(owner, jnp.exp2(s_G - m_new), 0.0)
+  carry = (acc_GH * alpha[:, None] + p_G[:, None] * vn_H.astype(jnp.float32)[None, :],
+           m_new, alpha * l_G + p_G)
+  write_partials(o_ref, lse_ref, carry)
+
+  @pl.when(owner)
+  def _():
+    row = pl.ds(pos, 1)
+    ko_ref[row, :] = kn_H[None, :].astype(ko_ref.dtype)
+    vo_ref[row, :] = vn_H[None, :].astype(vo_ref.dtype)
+
+
 def combine_splits(o_BKPGH, lse_BKPG, num_heads: int, out_dtype, return_lse: bool = False):
   """Merges the per-split partial outputs by their log-sum-exp; drops padded query rows.
 
@@ -199,14 +255,24 @@ def combine_splits(o_BKPGH, lse_BKPG, num_heads: int, out_dtype, return_lse: boo
 
 
 def default_num_splits(batch: int, num_kv_heads: int, seq_len: int, block_k: int,
-                       target_programs: int = 1024) -> int:
-  """Splits so that batch*kv_heads*splits ~ target_programs, with >= 4 blocks per split."""
-  want = max(1, -(-target_programs // (batch * num_kv_heads)))
-  most = max(1, seq_len // (4 * block_k))
+                       target_programs: Optional[int] = None) -> int:
+  """Splits per (row, kv head) so that batch*kv_heads*splits ~ target_programs.
+
+  Measured on an H200 (results/decode_bench.md, results/kv_decode.md): with many (row, kv head)
+  pairs (>= 64, e.g. batch 8 x 8 kv heads) ~1024 programs of >= 4 blocks each are best; with
+  few (batch 1) ~256 programs of >= 1 block are (more splits make the split combine costlier
+  than the parallelism gained: a batch-1 1.24B-model step was 5% faster at 32k, unchanged at 2k).
+  """
+  rows = batch * num_kv_heads
+  if target_programs is None:
+    target_programs = 1024 if rows >= 64 else 256
+  min_blocks = 4 if rows >= 64 else 1
+  want = max(1, -(-target_programs // rows))
+  most = max(1, seq_len // (min_blocks * block_k))
   return max(1, min(_next_pow2(want), most))
 
 
-def _check_args(q_BNH, k_BSKH, v_BSKH, lengths_B):
+def _check_args(q_BNH, k_BSKH, v_BSKH, lengths_B, lengths_name="lengths_B"):
   if q_BNH.ndim != 3:
     raise ValueError(f"q_BNH must be [batch, heads, head_dim], got shape {q_BNH.shape}")
   if k_BSKH.ndim != 4 or v_BSKH.shape != k_BSKH.shape:
@@ -219,7 +285,7 @@ def _check_args(q_BNH, k_BSKH, v_BSKH, lengths_B):
   if N % K:
     raise ValueError(f"num_heads ({N}) must be a multiple of num_kv_heads ({K})")
   if jnp.shape(lengths_B) != (B,):
-    raise ValueError(f"lengths_B must have shape ({B},), got {jnp.shape(lengths_B)}")
+    raise ValueError(f"{lengths_name} must have shape ({B},), got {jnp.shape(lengths_B)}")
   if H < 16 or H & (H - 1):
     raise ValueError(f"head_dim must be a power of two >= 16 for the kernel, got {H}")
 
@@ -303,3 +369,116 @@ def decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, sm_scale: Optional[flo
   return _decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, sm_scale=scale, block_k=block_k,
                            num_splits=int(num_splits), num_warps=num_warps, num_stages=num_stages,
                            interpret=interpret, return_lse=return_lse)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Append: write the new token's key/value into the cache and attend, in one kernel
+# ---------------------------------------------------------------------------------------------------
+
+
+def decode_attention_append_reference(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSKH, positions_B, *,
+                                      sm_scale: Optional[float] = None):
+  """Plain-jnp reference of `decode_attention_append`: a scatter of the new key/value at
+  `positions_B` (rows whose position is outside [0, S) write nothing), then float32 attention of
+  the query over slots `0 .. positions_B` (all S slots when the position is >= S).
+
+  Returns (out_BNH float32, k_BSKH, v_BSKH).
+  """
+  B, S = k_BSKH.shape[:2]
+  pos_B = jnp.asarray(positions_B, jnp.int32)
+  rows_B = jnp.arange(B)
+  pos_B = jnp.where(pos_B < 0, S, pos_B)  # dropped (jnp would wrap negative indices)
+  k_BSKH = k_BSKH.at[rows_B, pos_B].set(k_new_BKH.astype(k_BSKH.dtype), mode="drop")
+  v_BSKH = v_BSKH.at[rows_B, pos_B].set(v_new_BKH.astype(v_BSKH.dtype), mode="drop")
+  lengths_B = jnp.clip(pos_B + 1, 0, S)
+  return (decode_attention_reference(q_BNH, k_BSKH, v_BSKH, lengths_B, sm_scale=sm_scale),
+          k_BSKH, v_BSKH)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_k", "num_splits", "num_warps",
+                                             "num_stages", "interpret"),
+                   )
+def _decode_attention_append(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSKH, positions_B, *, sm_scale,
+                             block_k, num_splits, num_warps, num_stages, interpret):
+  B, N, H = q_BNH.shape
+  _, S, K, _ = k_BSKH.shape
+  G = N // K
+  Gp = max(16, _next_pow2(G))
+  nblocks = pl.cdiv(S, block_k)
+  P = max(1, min(num_splits, nblocks))
+  chunk = pl.cdiv(nblocks, P) * block_k
+  q_BKGH = q_BNH.reshape(B, K, G, H).astype(k_BSKH.dtype)
+  if Gp != G:
+    q_BKGH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+  kv_bytes = 2 * B * S * K * H * k_BSKH.dtype.itemsize
+  kernel = functools.partial(_append_kernel, sm_scale=sm_scale, block_k=block_k, chunk=chunk)
+  cache_spec = pl.BlockSpec((None, S, None, H), lambda b, h, p: (b, 0, h, 0))
+  new_spec = pl.BlockSpec((None, None, H), lambda b, h, p: (b, h, 0))
+  o, lse, k_BSKH, v_BSKH = pl.pallas_call(
+      kernel,
+      grid=(B, K, P),
+      in_specs=[
+          pl.BlockSpec((B,), lambda b, h, p: (0,)),
+          pl.BlockSpec((None, None, Gp, H), lambda b, h, p: (b, h, 0, 0)),
+          new_spec, new_spec, cache_spec, cache_spec,
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, Gp, H), lambda b, h, p: (b, h, p, 0, 0)),
+          pl.BlockSpec((None, None, None, Gp), lambda b, h, p: (b, h, p, 0)),
+          cache_spec, cache_spec,
+      ],
+      out_shape=[jax.ShapeDtypeStruct((B, K, P, Gp, H), jnp.float32),
+                 jax.ShapeDtypeStruct((B, K, P, Gp), jnp.float32),
+                 jax.ShapeDtypeStruct(k_BSKH.shape, k_BSKH.dtype),
+                 jax.ShapeDtypeStruct(v_BSKH.shape, v_BSKH.dtype)],
+      input_output_aliases={4: 2, 5: 3},
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      cost_estimate=pl.CostEstimate(flops=4 * B * N * S * H, transcendentals=B * N * S,
+                                    bytes_accessed=kv_bytes + 2 * B * N * H * 2),
+      interpret=interpret,
+      name="decode_attention_append_bf16",
+  )(jnp.asarray(positions_B, jnp.int32), q_BKGH, k_new_BKH.astype(k_BSKH.dtype),
+    v_new_BKH.astype(v_BSKH.dtype), k_BSKH, v_BSKH)
+  return combine_splits(o, lse, N, q_BNH.dtype), k_BSKH, v_BSKH
+
+
+def decode_attention_append(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSKH, positions_B, *,
+                            sm_scale: Optional[float] = None, block_k: int = 128,
+                            num_splits: Optional[int] = None, num_warps: int = 4,
+                            num_stages: int = 3, interpret: bool = False):
+  """One decode step of a dense cache in one kernel: write the new key/value, then attend.
+
+  Equals `decode_attention_append_reference`: row b's new key/value go to slot `positions_B[b]`
+  of the cache (nothing is written when the position lies outside [0, S)), and its query attends
+  over slots `0 .. positions_B[b]`, the new token included (read from `k_new_BKH`/`v_new_BKH`,
+  not back from the cache). Fusing the write into the attention kernel saves the separate
+  scatter kernels of `DenseCache.update` (three small kernels per layer and step in XLA).
+
+  Args:
+    q_BNH: [B, N, H] queries of the new token (RoPE applied).
+    k_new_BKH, v_new_BKH: [B, K, H] its key (RoPE applied) and value.
+    k_BSKH, v_BSKH: [B, S, K, H] the cache; updated in place when the caller donates them
+      (inside a jitted decode loop XLA reuses the buffers).
+    positions_B: [B] int32 absolute position of the new token per row.
+    sm_scale, block_k, num_splits, num_warps, num_stages, interpret: as in `decode_attention`.
+  Returns:
+    (out_BNH in q's dtype, k_BSKH, v_BSKH).
+  """
+  _check_args(q_BNH, k_BSKH, v_BSKH, positions_B, "positions_B")
+  B, S, K, H = k_BSKH.shape
+  for name, x in (("k_new_BKH", k_new_BKH), ("v_new_BKH", v_new_BKH)):
+    if x.shape != (B, K, H):
+      raise ValueError(f"{name} must be [batch, kv_heads, head_dim] = {(B, K, H)}, got {x.shape}")
+  if block_k < 16 or block_k & (block_k - 1):
+    raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
+  if S < 16:
+    raise ValueError(f"decode_attention_append needs a cache of >= 16 slots, got {S}")
+  block_k = min(block_k, 1 << (S.bit_length() - 1))
+  if num_splits is None:
+    num_splits = default_num_splits(B, K, S, block_k)
+  if num_splits < 1:
+    raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+  scale = (1.0 / math.sqrt(H)) if sm_scale is None else float(sm_scale)
+  return _decode_attention_append(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSKH, positions_B,
+                                  sm_scale=scale, block_k=block_k, num_splits=int(num_splits),
+                                  num_warps=num_warps, num_stages=num_stages, interpret=interpret)

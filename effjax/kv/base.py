@@ -42,6 +42,11 @@ Protocol (shapes: B batch, T new tokens, S cache slots, K kv heads, N query head
   write). `cache.max_len`: static int, the number of positions the cache can hold.
 * `cache.nbytes() -> int`: bytes of device memory the cache's arrays occupy (static; counts
   every array of the pytree, including metadata such as `lengths`).
+* Optional fusion: a cache may also define `update_and_attend(k_BTKH, v_BTKH, q_BTNH,
+  positions_BT, *, sm_scale=None) -> (cache, out_BTNH)` that must equal `update` followed by
+  `attend`; the attention layer calls `update_and_attend(cache, ...)` below, which uses the
+  cache's method when it has one. The dense cache uses it to write a decode step's key/value
+  inside its attention kernel (one kernel instead of a scatter plus the kernel).
 
 Semantics shared by all caches, so they agree with the dense reference up to compression error:
 positions are absolute token positions (the same numbers given to RoPE), and the dense cache
@@ -89,6 +94,18 @@ class KVCache(Protocol):
   def nbytes(self) -> int:
     """Device bytes held by the cache's arrays."""
     ...
+
+
+def update_and_attend(cache, k_BTKH, v_BTKH, q_BTNH, positions_BT, *, sm_scale=None):
+  """`cache.update(k, v, positions)` then `.attend(q, positions)`: returns (cache, out_BTNH).
+
+  Uses the cache's own fused `update_and_attend` when it defines one (see the module docstring).
+  """
+  fused = getattr(cache, "update_and_attend", None)
+  if fused is not None:
+    return fused(k_BTKH, v_BTKH, q_BTNH, positions_BT, sm_scale=sm_scale)
+  cache = cache.update(k_BTKH, v_BTKH, positions_BT)
+  return cache, cache.attend(q_BTNH, positions_BT, sm_scale=sm_scale)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,9 @@ queries (decode steps): "xla" (the einsums above, reading all `max_len` slots), 
 valid slots of each row; interpret mode off-GPU) or "auto" ("pallas" on a GPU when head_dim is a
 power of two >= 16, else "xla"; the default). Multi-token calls always use the einsums. On an
 H200 the kernel made a batch-1 decode step of a 1.24B model 7% faster at 2k context and 23%
-faster at 32k (results/decode_bench.md).
+faster at 32k (results/decode_bench.md). With the "pallas" kernel, `update_and_attend` (the
+protocol's optional fusion, which the attention layer calls) of a one-token step writes the new
+key/value inside the attention kernel (`decode_attention_append`) instead of a scatter.
 
 GQA is computed without repeating K/V: query heads are grouped as `[K, G]` and the einsums read
 each kv head once (`BTKGH,BSKH->BKGTS`). Scores and the softmax are float32; the cache is read in
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.kv.base import check_attend_args, check_new_kv
-from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.decode_attention import decode_attention, decode_attention_append
 
 ATTEND_IMPLS = ("xla", "pallas", "auto")
 
@@ -151,6 +153,32 @@ class DenseCache:
           (q_nBtKGH, pos_nBt))
       out_BTKGH = jnp.moveaxis(out_nBtKGH, 0, 1).reshape(B, nb * _Q_BLOCK, K, G, H)[:, :T]
     return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+  def update_and_attend(self, k_BTKH, v_BTKH, q_BTNH, positions_BT, *, sm_scale=None):
+    """`update(k, v, positions)` then `attend(q, positions)`: returns (cache, out_BTNH).
+
+    One-token steps on the "pallas" attend path run as one kernel that writes the new key/value
+    and attends (`pallas_kernels.decode_attention.decode_attention_append`); everything else is
+    the two calls.
+    """
+    B, S, K, H = self.k_BSKH.shape
+    T = q_BTNH.shape[1] if q_BTNH.ndim == 4 else None
+    if T != 1 or not self._pallas_decode() or S < 16:
+      cache = self.update(k_BTKH, v_BTKH, positions_BT)
+      return cache, cache.attend(q_BTNH, positions_BT, sm_scale=sm_scale)
+    self._check_new("k_BTKH", k_BTKH, positions_BT)
+    self._check_new("v_BTKH", v_BTKH, positions_BT)
+    check_attend_args("DenseCache", q_BTNH, positions_BT, batch=B, kv_heads=K, head_dim=H)
+    if not jnp.issubdtype(positions_BT.dtype, jnp.integer):
+      raise TypeError(f"DenseCache.update_and_attend: positions_BT must be integer, got "
+                      f"{positions_BT.dtype}")
+    pos_B = positions_BT[:, 0].astype(jnp.int32)
+    out_BNH, k, v = decode_attention_append(
+        q_BTNH[:, 0], k_BTKH[:, 0], v_BTKH[:, 0], self.k_BSKH, self.v_BSKH, pos_B,
+        sm_scale=H ** -0.5 if sm_scale is None else sm_scale,
+        interpret=jax.default_backend() != "gpu")
+    cache = self.replace(k_BSKH=k, v_BSKH=v, lengths=jnp.maximum(self.lengths, pos_B + 1))
+    return cache, out_BNH[:, None].astype(q_BTNH.dtype)
 
   def _pallas_decode(self) -> bool:
     if self.attend_impl == "pallas":

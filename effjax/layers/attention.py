@@ -7,7 +7,8 @@ RMS-normalised per head before RoPE (Qwen3 q/k norm), and combined by `effjax.at
 
 With a KV cache the layer never touches the cache's internals: it calls
 `cache = cache.update(k, v, positions)` and `out = cache.attend(q, positions)` (the protocol in
-`effjax.kv`), so compressed caches can attend without materialising bf16 keys.
+`effjax.kv`; through `effjax.kv.update_and_attend`, which lets a cache fuse the two), so
+compressed caches can attend without materialising bf16 keys.
 
 Switches (default off): `cfg.linear` picks the projection class (`effjax.layers.projection`:
 full-precision Einsum, BitNet b1.58 BitEinsum, or packed ternary inference); `cfg.sub_ln` adds the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from effjax.attention import attend
+from effjax.kv.base import update_and_attend
 from effjax.config import ModelConfig
 from effjax.layers.norms import make_norm
 from effjax.layers.projection import make_projection
@@ -59,8 +61,7 @@ class Attention(nn.Module):
     else:
       if mask_BTS is not None:
         raise ValueError("an explicit attention mask is not supported together with a KV cache")
-      cache = cache.update(k_BTKH, v_BTKH, positions_BT)
-      out_BTNH = cache.attend(q_BTNH, positions_BT)
+      cache, out_BTNH = update_and_attend(cache, k_BTKH, v_BTKH, q_BTNH, positions_BT)
     if c.sub_ln:
       B, T = out_BTNH.shape[:2]
       out_BTF = make_norm(c, "attn_sub_norm", axis_name="heads")(out_BTNH.reshape(B, T, N * H))

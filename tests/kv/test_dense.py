@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from effjax.attention.dense import attention_reference
-from effjax.kv import CacheConfig, DenseCache, KVCache, as_cache_config
+from effjax.kv import CacheConfig, DenseCache, KVCache, as_cache_config, update_and_attend
 from effjax.kv import dense as dense_mod
 from tests.conftest import rel_err
 
@@ -172,3 +172,39 @@ def test_pallas_decode_attend_equals_xla(rng, dtype, tol):
                                 np.asarray(ref_c.attend(q2, pos2), np.float32))
   with pytest.raises(ValueError, match="attend_impl"):
     DenseCache.init(B, S, K, H, dtype, attend_impl="cudnn")
+
+
+@pytest.mark.usefixtures("float32_matmuls")  # the einsum path (TF32 on a GPU otherwise)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_update_and_attend_equals_update_then_attend(rng, dtype, tol):
+  """`effjax.kv.update_and_attend` on a "pallas" dense cache (one kernel that writes the new
+  key/value and attends; interpret mode on CPU) == `update` then `attend` on the einsum path, for
+  one-token steps at ragged positions; multi-token steps take the two-call path."""
+  B, K, G, H = 3, 2, 3, 32
+  S = int(rng.integers(40, 90)) | 1
+  ref_c = DenseCache.init(B, S, K, H, dtype, attend_impl="xla")
+  fill = int(rng.integers(2, S - 2))
+  k = jnp.asarray(rng.standard_normal((B, fill, K, H)), dtype)
+  v = jnp.asarray(rng.standard_normal((B, fill, K, H)), dtype)
+  ref_c = ref_c.update(k, v, jnp.broadcast_to(jnp.arange(fill)[None], (B, fill)))
+  pal_c = ref_c.replace(attend_impl="pallas")
+  for T in (1, 2):
+    q = jnp.asarray(rng.standard_normal((B, T, K * G, H)), dtype)
+    k1 = jnp.asarray(rng.standard_normal((B, T, K, H)), dtype)
+    v1 = jnp.asarray(rng.standard_normal((B, T, K, H)), dtype)
+    pos = jnp.asarray([[0], [fill], [fill - 1]], jnp.int32) + jnp.arange(T)[None]
+    want_c, want = update_and_attend(ref_c, k1, v1, q, pos)
+    got_c, got = jax.jit(update_and_attend)(pal_c, k1, v1, q, pos)
+    jaxpr = str(jax.make_jaxpr(update_and_attend)(pal_c, k1, v1, q, pos))
+    assert ("decode_attention_append" in jaxpr) == (T == 1)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert rel_err(got, want) < tol, T
+    np.testing.assert_array_equal(np.asarray(got_c.k_BSKH, np.float32),
+                                  np.asarray(want_c.k_BSKH, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_c.v_BSKH, np.float32),
+                                  np.asarray(want_c.v_BSKH, np.float32))
+    np.testing.assert_array_equal(np.asarray(got_c.lengths), np.asarray(want_c.lengths))
+    # the generic helper on the einsum cache is exactly update then attend
+    two = ref_c.update(k1, v1, pos)
+    np.testing.assert_array_equal(np.asarray(want, np.float32),
+                                  np.asarray(two.attend(q, pos), np.float32))

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
+from pallas_kernels.decode_attention import (decode_attention, decode_attention_append,
+                                             decode_attention_append_reference,
+                                             decode_attention_reference)
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -76,3 +78,49 @@ def test_bad_arguments():
     decode_attention(q, k, k, jnp.ones((2,), jnp.int32), block_k=24, interpret=True)
   with pytest.raises(ValueError, match="same shape|one shape"):
     decode_attention(q, k, k[:, :10], jnp.ones((2,), jnp.int32), interpret=True)
+
+
+@pytest.mark.usefixtures("float32_matmuls")  # the reference's einsums (TF32 on a GPU otherwise)
+@pytest.mark.parametrize("group,dtype,tol", [(1, jnp.bfloat16, 1e-2), (3, jnp.bfloat16, 1e-2),
+                                             (4, jnp.float32, 1e-5)])
+def test_append_writes_and_attends(group, dtype, tol):
+  """decode_attention_append == scatter of the new key/value + attention over slots <= position:
+  ragged positions (first slot, last slot, inside, past the end = nothing written); the caches
+  equal the reference scatter bit for bit and the new token is attended from its own values."""
+  rng, seed = _rng()
+  B, K, H = 5, 2, 32
+  S = int(rng.integers(70, 110)) | 1
+  N = K * group
+  q = jnp.asarray(rng.standard_normal((B, N, H)), dtype)
+  k = jnp.asarray(rng.standard_normal((B, S, K, H)) * 2, dtype)
+  v = jnp.asarray(rng.standard_normal((B, S, K, H)), dtype)
+  k_new = jnp.asarray(rng.standard_normal((B, K, H)) * 2, dtype)
+  v_new = jnp.asarray(rng.standard_normal((B, K, H)), dtype)
+  pos = jnp.asarray([0, S - 1, int(rng.integers(17, S - 17)), S + 3, int(rng.integers(1, 16))],
+                    jnp.int32)
+  ref, k_ref, v_ref = decode_attention_append_reference(q, k_new, v_new, k, v, pos)
+  for splits in (3, None):
+    out, k_out, v_out = decode_attention_append(q, k_new, v_new, k, v, pos, block_k=16,
+                                                num_splits=splits, interpret=INTERPRET)
+    assert out.dtype == dtype and out.shape == (B, N, H)
+    err = _rel(out, ref)
+    assert err < tol, f"seed={seed} S={S} splits={splits} rel err {err}"
+    np.testing.assert_array_equal(np.asarray(k_out, np.float32), np.asarray(k_ref, np.float32))
+    np.testing.assert_array_equal(np.asarray(v_out, np.float32), np.asarray(v_ref, np.float32))
+  # position 0: the output is the new value itself
+  want0 = jnp.broadcast_to(v_new[0][:, None, :], (K, group, H)).reshape(N, H)
+  np.testing.assert_allclose(np.asarray(out[0], np.float32), np.asarray(want0, np.float32),
+                             rtol=1e-2, atol=1e-2, err_msg=f"seed={seed}")
+
+
+def test_append_bad_arguments():
+  q = jnp.zeros((2, 8, 32), jnp.bfloat16)
+  k = jnp.zeros((2, 64, 4, 32), jnp.bfloat16)
+  new = jnp.zeros((2, 4, 32), jnp.bfloat16)
+  with pytest.raises(ValueError, match="k_new_BKH"):
+    decode_attention_append(q, new[:, :2], new, k, k, jnp.zeros((2,), jnp.int32), interpret=True)
+  with pytest.raises(ValueError, match="positions_B"):
+    decode_attention_append(q, new, new, k, k, jnp.zeros((3,), jnp.int32), interpret=True)
+  with pytest.raises(ValueError, match="16 slots"):
+    decode_attention_append(q, new, new, k[:, :8], k[:, :8], jnp.zeros((2,), jnp.int32),
+                            interpret=True)
