@@ -138,12 +138,10 @@ def write_partials(o_ref, lse_ref, carry):
   lse_ref[...] = jnp.where(nonempty, (m_G + jnp.log2(l_safe)) / LOG2E, -jnp.inf)
 
 
-def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, block_k, chunk):
-  b, split = pl.program_id(0), pl.program_id(2)
-  Gp, H = q_ref.shape
-  S = k_ref.shape[0]
-  length = jnp.minimum(len_ref[b], S)
-  q_GH = q_ref[...]
+def _cache_pass(q_GH, k_ref, v_ref, length, split, *, sm_scale, block_k, chunk):
+  """Online-softmax carry of one program over the cache slots of its split below `length`:
+  unmasked full blocks, then one masked tail block."""
+  Gp, H = q_GH.shape
   qscale = sm_scale * LOG2E
   start, lim, n_full, has_tail = split_range(length, split, chunk, block_k)
 
@@ -152,50 +150,8 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, bl
 
   def body(i, carry):
     sl = pl.ds(pl.multiple_of(start + i * block_k, block_k), block_k)
-    k_NH = k_ref[sl, :]
-    v_NH = v_ref[sl, :]
-    return online_softmax_step(logits(k_NH), v_NH, carry)
-
-  carry = (jnp.zeros((Gp, H), jnp.float32), jnp.full((Gp,), _NEG_BIG, jnp.float32),
-           jnp.zeros((Gp,), jnp.float32))
-  carry = lax.fori_loop(0, n_full, body, carry)
-
-  def tail(carry):
-    t0 = start + n_full * block_k
-    pos_N = t0 + jnp.arange(block_k)
-    valid_N = pos_N < lim
-    sl = pl.ds(t0, block_k)
-    k_NH = plgpu.load(k_ref.at[sl, :], mask=valid_N[:, None], other=0.0)
-    v_NH = plgpu.load(v_ref.at[sl, :], mask=valid_N[:, None], other=0.0)
-    s_GN = jnp.where(valid_N[None, :], logits(k_NH), _NEG_BIG)
-    return online_softmax_step(s_GN, v_NH, carry)
-
-  carry = lax.cond(has_tail, tail, lambda c: c, carry)
-  write_partials(o_ref, lse_ref, carry)
-
-
-def _append_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, lse_ref, ko_ref, vo_ref, *,
-                   sm_scale, block_k, chunk):
-  """`_decode_kernel` over the cache slots below the new token's position, plus the new token
-  itself (read from kn/vn, not from the cache) in the program whose split holds its position;
-  that program also writes the new key/value into the (aliased) cache at that position."""
-  b, split = pl.program_id(0), pl.program_id(2)
-  S = k_ref.shape[0]
-  pos = pos_ref[b]
-  has_new = (pos >= 0) & (pos < S)
-  cache_len = jnp.clip(pos, 0, S)
-  q_GH = q_ref[...]
-  qscale = sm_scale * LOG2E
-  start, lim, n_full, has_tail = split_range(cache_len, split, chunk, block_k)
-
-  def logits(k_NH):
-    return plgpu.dot(q_GH, k_NH.T, precision=dot_precision(k_NH.dtype)) * qscale
-
-  def body(i, carry):
-    sl = pl.ds(pl.multiple_of(start + i * block_k, block_k), block_k)
     return online_softmax_step(logits(k_ref[sl, :]), v_ref[sl, :], carry)
 
-  Gp, H = q_GH.shape
   carry = (jnp.zeros((Gp, H), jnp.float32), jnp.full((Gp,), _NEG_BIG, jnp.float32),
            jnp.zeros((Gp,), jnp.float32))
   carry = lax.fori_loop(0, n_full, body, carry)
@@ -209,11 +165,34 @@ def _append_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, lse_ref,
     s_GN = jnp.where(valid_N[None, :], logits(k_NH), _NEG_BIG)
     return online_softmax_step(s_GN, v_NH, carry)
 
-  carry = lax.cond(has_tail, tail, lambda c: c, carry)
+  return lax.cond(has_tail, tail, lambda c: c, carry)
+
+
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, block_k, chunk):
+  b, split = pl.program_id(0), pl.program_id(2)
+  length = jnp.minimum(len_ref[b], k_ref.shape[0])
+  carry = _cache_pass(q_ref[...], k_ref, v_ref, length, split, sm_scale=sm_scale,
+                      block_k=block_k, chunk=chunk)
+  write_partials(o_ref, lse_ref, carry)
+
+
+def _append_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, lse_ref, ko_ref, vo_ref, *,
+                   sm_scale, block_k, chunk):
+  """`_decode_kernel` over the cache slots below the new token's position, plus the new token
+  itself (read from kn/vn, not from the cache) in the program whose split holds its position;
+  that program also writes the new key/value into the (aliased) cache at that position."""
+  b, split = pl.program_id(0), pl.program_id(2)
+  S = k_ref.shape[0]
+  pos = pos_ref[b]
+  has_new = (pos >= 0) & (pos < S)
+  q_GH = q_ref[...]
+  carry = _cache_pass(q_GH, k_ref, v_ref, jnp.clip(pos, 0, S), split, sm_scale=sm_scale,
+                      block_k=block_k, chunk=chunk)
   owner = has_new & (pos >= split * chunk) & (pos < (split + 1) * chunk)
   kn_H, vn_H = kn_ref[...], vn_ref[...]
   # the new token: one key, so an elementwise dot (exact products of the stored-precision values)
-  s_G = jnp.sum(q_GH.astype(jnp.float32) * kn_H.astype(jnp.float32)[None, :], axis=1) * qscale
+  s_G = jnp.sum(q_GH.astype(jnp.float32) * kn_H.astype(jnp.float32)[None, :], axis=1) * (
+      sm_scale * LOG2E)
   acc_GH, m_G, l_G = carry
   m_new = jnp.where(owner, jnp.maximum(m_G, s_G), m_G)
   alpha = jnp.exp2(m_G - m_new)
