@@ -27,9 +27,14 @@ with G = num_heads // num_kv_heads (GQA). Choices written down here:
 * The combine is a plain jnp reduction over splits (tiny: B*N*num_splits*H floats).
 * Rows with lengths[b] == 0 output zeros. lengths are clamped to [0, S].
 * Softmax in base 2 with log2(e) folded into the scale.
+* `decode_attention_append` is the same kernel for one dense-cache decode step: it also writes the
+  new token's key/value into the cache (aliased in and out; written by the program whose split
+  holds the position) and attends to that token from its inputs, so the cache needs no separate
+  scatter (`effjax.kv.DenseCache.update_and_attend`).
 * Defaults (block_k=128, num_warps=4, num_stages=3, ~1024 programs) are the best of a small sweep on
   an H200 at B=8, 32/8 heads, D=128, 64k context: 505 us per step = 4.25 TB/s of K/V
-  (results/kv_decode.md; `experiments/bench_kv_decode.py`).
+  (results/kv_decode.md; `experiments/bench_kv_decode.py`); with fewer than 64 (row, kv head)
+  pairs (batch 1) ~256 programs (`default_num_splits`).
 """
 
 from __future__ import annotations
