@@ -274,20 +274,27 @@ def _check_args(q_BNH, k_BSKH, v_BSKH, lengths_B, lengths_name="lengths_B"):
     raise ValueError(f"head_dim must be a power of two >= 16 for the kernel, got {H}")
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_k", "num_splits", "num_warps",
-                                             "num_stages", "interpret", "return_lse"))
-def _decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, sm_scale, block_k, num_splits, num_warps,
-                      num_stages, interpret, return_lse):
+def _split_layout(q_BNH, k_BSKH, block_k, num_splits):
+  """(queries as [B, K, Gp, H] zero-padded to Gp rows per kv head, Gp, splits P, keys per split)."""
   B, N, H = q_BNH.shape
   _, S, K, _ = k_BSKH.shape
   G = N // K
   Gp = max(16, _next_pow2(G))
   nblocks = pl.cdiv(S, block_k)
   P = max(1, min(num_splits, nblocks))
-  chunk = pl.cdiv(nblocks, P) * block_k
   q_BKGH = q_BNH.reshape(B, K, G, H).astype(k_BSKH.dtype)
   if Gp != G:
     q_BKGH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+  return q_BKGH, Gp, P, pl.cdiv(nblocks, P) * block_k
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_k", "num_splits", "num_warps",
+                                             "num_stages", "interpret", "return_lse"))
+def _decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, sm_scale, block_k, num_splits, num_warps,
+                      num_stages, interpret, return_lse):
+  B, N, H = q_BNH.shape
+  _, S, K, _ = k_BSKH.shape
+  q_BKGH, Gp, P, chunk = _split_layout(q_BNH, k_BSKH, block_k, num_splits)
   lengths_B = jnp.clip(jnp.asarray(lengths_B, jnp.int32), 0, S)
   kv_bytes = 2 * B * S * K * H * k_BSKH.dtype.itemsize
   kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, block_k=block_k, chunk=chunk)
@@ -380,20 +387,12 @@ def decode_attention_append_reference(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSK
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_k", "num_splits", "num_warps",
-                                             "num_stages", "interpret"),
-                   )
+                                             "num_stages", "interpret"))
 def _decode_attention_append(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSKH, positions_B, *, sm_scale,
                              block_k, num_splits, num_warps, num_stages, interpret):
   B, N, H = q_BNH.shape
   _, S, K, _ = k_BSKH.shape
-  G = N // K
-  Gp = max(16, _next_pow2(G))
-  nblocks = pl.cdiv(S, block_k)
-  P = max(1, min(num_splits, nblocks))
-  chunk = pl.cdiv(nblocks, P) * block_k
-  q_BKGH = q_BNH.reshape(B, K, G, H).astype(k_BSKH.dtype)
-  if Gp != G:
-    q_BKGH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
+  q_BKGH, Gp, P, chunk = _split_layout(q_BNH, k_BSKH, block_k, num_splits)
   kv_bytes = 2 * B * S * K * H * k_BSKH.dtype.itemsize
   kernel = functools.partial(_append_kernel, sm_scale=sm_scale, block_k=block_k, chunk=chunk)
   cache_spec = pl.BlockSpec((None, S, None, H), lambda b, h, p: (b, 0, h, 0))
