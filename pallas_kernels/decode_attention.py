@@ -274,6 +274,20 @@ def _check_args(q_BNH, k_BSKH, v_BSKH, lengths_B, lengths_name="lengths_B"):
     raise ValueError(f"head_dim must be a power of two >= 16 for the kernel, got {H}")
 
 
+def _check_block_k(block_k: int):
+  if block_k < 16 or block_k & (block_k - 1):
+    raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
+
+
+def _splits_and_scale(B, K, S, H, block_k, num_splits, sm_scale):
+  """(num_splits, defaulted by `default_num_splits` and checked; sm_scale, default 1/sqrt(H))."""
+  if num_splits is None:
+    num_splits = default_num_splits(B, K, S, block_k)
+  if num_splits < 1:
+    raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+  return int(num_splits), (1.0 / math.sqrt(H)) if sm_scale is None else float(sm_scale)
+
+
 def _split_layout(q_BNH, k_BSKH, block_k, num_splits):
   """(queries as [B, K, Gp, H] zero-padded to Gp rows per kv head, Gp, splits P, keys per split)."""
   B, N, H = q_BNH.shape
@@ -341,8 +355,7 @@ def decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, sm_scale: Optional[flo
     [B, N, H] in q's dtype (rows with length 0 are zeros); with return_lse, (out, lse).
   """
   _check_args(q_BNH, k_BSKH, v_BSKH, lengths_B)
-  if block_k < 16 or block_k & (block_k - 1):
-    raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
+  _check_block_k(block_k)
   B, S, K, H = k_BSKH.shape
   # blocks never longer than the sequence (the unmasked loop body slices whole blocks); caches
   # shorter than 16 slots are padded (a few bytes; the padded slots are past every length)
@@ -352,13 +365,9 @@ def decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, sm_scale: Optional[flo
     k_BSKH, v_BSKH = jnp.pad(k_BSKH, pad), jnp.pad(v_BSKH, pad)
     lengths_B = jnp.minimum(jnp.asarray(lengths_B), S)
     S = block_k
-  if num_splits is None:
-    num_splits = default_num_splits(B, K, S, block_k)
-  if num_splits < 1:
-    raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-  scale = (1.0 / math.sqrt(H)) if sm_scale is None else float(sm_scale)
+  num_splits, scale = _splits_and_scale(B, K, S, H, block_k, num_splits, sm_scale)
   return _decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, sm_scale=scale, block_k=block_k,
-                           num_splits=int(num_splits), num_warps=num_warps, num_stages=num_stages,
+                           num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                            interpret=interpret, return_lse=return_lse)
 
 
@@ -452,16 +461,11 @@ def decode_attention_append(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSKH, positio
   for name, x in (("k_new_BKH", k_new_BKH), ("v_new_BKH", v_new_BKH)):
     if x.shape != (B, K, H):
       raise ValueError(f"{name} must be [batch, kv_heads, head_dim] = {(B, K, H)}, got {x.shape}")
-  if block_k < 16 or block_k & (block_k - 1):
-    raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
+  _check_block_k(block_k)
   if S < 16:
     raise ValueError(f"decode_attention_append needs a cache of >= 16 slots, got {S}")
   block_k = min(block_k, 1 << (S.bit_length() - 1))
-  if num_splits is None:
-    num_splits = default_num_splits(B, K, S, block_k)
-  if num_splits < 1:
-    raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-  scale = (1.0 / math.sqrt(H)) if sm_scale is None else float(sm_scale)
+  num_splits, scale = _splits_and_scale(B, K, S, H, block_k, num_splits, sm_scale)
   return _decode_attention_append(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSKH, positions_B,
-                                  sm_scale=scale, block_k=block_k, num_splits=int(num_splits),
+                                  sm_scale=scale, block_k=block_k, num_splits=num_splits,
                                   num_warps=num_warps, num_stages=num_stages, interpret=interpret)

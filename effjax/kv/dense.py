@@ -90,16 +90,19 @@ class DenseCache:
     B, _, K, H = self.k_BSKH.shape
     check_new_kv("DenseCache", name, x_BTKH, positions_BT, batch=B, kv_heads=K, head_dim=H)
 
+  def _check_update(self, k_BTKH, v_BTKH, positions_BT):
+    self._check_new("k_BTKH", k_BTKH, positions_BT)
+    self._check_new("v_BTKH", v_BTKH, positions_BT)
+    if not jnp.issubdtype(positions_BT.dtype, jnp.integer):
+      raise TypeError(f"DenseCache.update: positions_BT must be integer, got {positions_BT.dtype}")
+
   def update(self, k_BTKH, v_BTKH, positions_BT) -> "DenseCache":
     """Writes keys/values at their absolute positions (overwriting what was there).
 
     Positions must lie in `[0, max_len)`; writes outside that range are dropped (it cannot be
     checked inside jit -- `generate` sizes the cache so it never happens).
     """
-    self._check_new("k_BTKH", k_BTKH, positions_BT)
-    self._check_new("v_BTKH", v_BTKH, positions_BT)
-    if not jnp.issubdtype(positions_BT.dtype, jnp.integer):
-      raise TypeError(f"DenseCache.update: positions_BT must be integer, got {positions_BT.dtype}")
+    self._check_update(k_BTKH, v_BTKH, positions_BT)
     B, T = positions_BT.shape
     pos_BT = positions_BT.astype(jnp.int32)
     row_BT = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
@@ -166,12 +169,8 @@ class DenseCache:
     if T != 1 or not self._pallas_decode() or S < 16:
       cache = self.update(k_BTKH, v_BTKH, positions_BT)
       return cache, cache.attend(q_BTNH, positions_BT, sm_scale=sm_scale)
-    self._check_new("k_BTKH", k_BTKH, positions_BT)
-    self._check_new("v_BTKH", v_BTKH, positions_BT)
+    self._check_update(k_BTKH, v_BTKH, positions_BT)
     check_attend_args("DenseCache", q_BTNH, positions_BT, batch=B, kv_heads=K, head_dim=H)
-    if not jnp.issubdtype(positions_BT.dtype, jnp.integer):
-      raise TypeError(f"DenseCache.update_and_attend: positions_BT must be integer, got "
-                      f"{positions_BT.dtype}")
     pos_B = positions_BT[:, 0].astype(jnp.int32)
     out_BNH, k, v = decode_attention_append(
         q_BTNH[:, 0], k_BTKH[:, 0], v_BTKH[:, 0], self.k_BSKH, self.v_BSKH, pos_B,

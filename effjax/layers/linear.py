@@ -82,40 +82,27 @@ def project(eqn: str, x, kernel, *, matvec_impl: str = "xla", out_dtype=None):
   if matvec_impl not in MATVEC_IMPLS:
     raise ValueError(f"matvec_impl: got {matvec_impl!r}, allowed: {list(MATVEC_IMPLS)}")
   want = jnp.dtype(out_dtype or x.dtype)
-  flat = _flatten(eqn, x, kernel)
-  if flat is not None:
-    layout, x_MK, w2, out_shape = flat
-    m, k = x_MK.shape
-    n = w2.size // k
-    small = kernel.size * jnp.dtype(kernel.dtype).itemsize <= HYBRID_MAX_WEIGHT_BYTES
-    use_pallas = (matvec_impl == "pallas" or (matvec_impl == "hybrid" and small) or (
-        matvec_impl == "auto" and small and jax.default_backend() == "gpu"
-        and len(contracted_kernel_axes(eqn)) > 1))
-    blocks = gemv_lib.default_blocks(m, k, n, layout) if use_pallas else None
-    if use_pallas and m <= gemv_lib.MAX_M and gemv_lib.supported(m, k, n, **blocks):
-      y = gemv_lib.gemv(x_MK, w2, w_layout=layout, out_dtype=want,
+  spec = matvec_layout(eqn)
+  small = kernel.size * jnp.dtype(kernel.dtype).itemsize <= HYBRID_MAX_WEIGHT_BYTES
+  use_pallas = spec is not None and (
+      matvec_impl == "pallas" or (matvec_impl == "hybrid" and small)
+      or (matvec_impl == "auto" and small and spec[1] > 1 and jax.default_backend() == "gpu"))
+  if use_pallas:
+    layout, n_con = spec
+    row_shape = x.shape[:x.ndim - n_con]
+    m = math.prod(row_shape)
+    k = math.prod(x.shape[x.ndim - n_con:])
+    out_w = kernel.shape[n_con:] if layout == "kn" else kernel.shape[:kernel.ndim - n_con]
+    n = math.prod(out_w)
+    blocks = gemv_lib.default_blocks(m, k, n, layout)
+    if 1 <= m <= gemv_lib.MAX_M and gemv_lib.supported(m, k, n, **blocks):
+      w2 = kernel.reshape((k, n) if layout == "kn" else (n, k))
+      y = gemv_lib.gemv(x.reshape(m, k), w2, w_layout=layout, out_dtype=want,
                         interpret=jax.default_backend() != "gpu", **blocks)
-      return y.reshape(out_shape)
+      return y.reshape(*row_shape, *out_w)
   if out_dtype is None:  # the plain path
     return jnp.einsum(eqn, x, kernel)
   return jnp.einsum(eqn, x, kernel, preferred_element_type=jnp.float32).astype(want)
-
-
-def _flatten(eqn: str, x, kernel):
-  """(layout, x as [rows, contracted], kernel as 2-D, output shape) when `matvec_layout(eqn)`
-  applies (free reshapes), else None."""
-  spec = matvec_layout(eqn)
-  if spec is None:
-    return None
-  layout, n_con = spec
-  row_shape = x.shape[:x.ndim - n_con]
-  m, k = math.prod(row_shape), math.prod(x.shape[x.ndim - n_con:])
-  out_w = kernel.shape[n_con:] if layout == "kn" else kernel.shape[:kernel.ndim - n_con]
-  n = math.prod(out_w)
-  if m == 0:
-    return None
-  w2 = kernel.reshape((k, n) if layout == "kn" else (n, k))
-  return layout, x.reshape(m, k), w2, (*row_shape, *out_w)
 
 
 class Einsum(nn.Module):
