@@ -17,14 +17,17 @@ with G = num_heads // num_kv_heads (GQA). Choices written down here:
   D=128), enough for full-width coalesced loads, so no transposed copy of the cache is made
   (jax's own `gqa` decode kernel transposes K/V to [B, K, S, H] on every call).
 * Grid (batch, kv_head, split). A program loads the G query heads of its KV head as one [Gp, H] tile
-  (G padded to Gp = max(16, next_pow2(G)) rows because the Triton dot needs M >= 16; the padded rows
-  are zero and are dropped), so every K/V byte is read exactly once per step.
+  (G padded to Gp = max(16, next_pow2(G)) rows because the Triton dot needs M >= 16: a masked load
+  from the row's [N, H] queries, no padded copy; the padded rows are zero and are dropped), so
+  every K/V byte is read exactly once per step.
 * Split: the sequence [0, S) is cut into `num_splits` equal chunks of whole `block_k` blocks. A program
   loops over the blocks of its chunk that lie below lengths[b] without any mask and runs one masked
   tail block (masked loads, so no out-of-bounds reads when S is not a multiple of block_k, and masked
   values, so garbage past the length cannot leak NaNs). Splits past the row's length do no work and
   report lse = -inf.
-* The combine is a plain jnp reduction over splits (tiny: B*N*num_splits*H floats).
+* The combine (tiny: B*N*num_splits*H floats) is one small Pallas kernel, one program per query
+  head (`combine_splits_kernel`); its plain-jnp form `combine_splits` is the reference and serves
+  `return_lse=True` and the quantized kernels.
 * Rows with lengths[b] == 0 output zeros. lengths are clamped to [0, S].
 * Softmax in base 2 with log2(e) folded into the scale.
 * `decode_attention_append` is the same kernel for one dense-cache decode step: it also writes the
@@ -51,7 +54,8 @@ from jax.experimental.pallas import triton as plgpu
 import numpy as np
 
 __all__ = ["decode_attention", "decode_attention_reference", "decode_attention_append",
-           "decode_attention_append_reference", "combine_splits", "default_num_splits"]
+           "decode_attention_append_reference", "combine_splits", "combine_splits_kernel",
+           "default_num_splits"]
 
 LOG2E = math.log2(math.e)
 _NEG_BIG = -0.7 * float(np.finfo(np.float32).max)
@@ -173,16 +177,17 @@ def _cache_pass(q_GH, k_ref, v_ref, length, split, *, sm_scale, block_k, chunk):
   return lax.cond(has_tail, tail, lambda c: c, carry)
 
 
-def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, block_k, chunk):
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale, block_k, chunk, G,
+                   Gp):
   b, split = pl.program_id(0), pl.program_id(2)
   length = jnp.minimum(len_ref[b], k_ref.shape[0])
-  carry = _cache_pass(q_ref[...], k_ref, v_ref, length, split, sm_scale=sm_scale,
-                      block_k=block_k, chunk=chunk)
+  carry = _cache_pass(_load_queries(q_ref, G, Gp).astype(k_ref.dtype), k_ref, v_ref, length,
+                      split, sm_scale=sm_scale, block_k=block_k, chunk=chunk)
   write_partials(o_ref, lse_ref, carry)
 
 
 def _append_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, lse_ref, ko_ref, vo_ref, *,
-                   sm_scale, block_k, chunk):
+                   sm_scale, block_k, chunk, G, Gp):
   """`_decode_kernel` over the cache slots below the new token's position, plus the new token
   itself (read from kn/vn, not from the cache) in the program whose split holds its position;
   that program also writes the new key/value into the (aliased) cache at that position."""
@@ -190,7 +195,7 @@ def _append_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, lse_ref,
   S = k_ref.shape[0]
   pos = pos_ref[b]
   has_new = (pos >= 0) & (pos < S)
-  q_GH = q_ref[...]
+  q_GH = _load_queries(q_ref, G, Gp).astype(k_ref.dtype)
   carry = _cache_pass(q_GH, k_ref, v_ref, jnp.clip(pos, 0, S), split, sm_scale=sm_scale,
                       block_k=block_k, chunk=chunk)
   owner = has_new & (pos >= split * chunk) & (pos < (split + 1) * chunk)
@@ -236,6 +241,44 @@ def combine_splits(o_BKPGH, lse_BKPG, num_heads: int, out_dtype, return_lse: boo
     return out
   lse_BKG = jnp.where(den_BKG > 0, m_BKG + jnp.log(jnp.where(den_BKG > 0, den_BKG, 1.0)), -jnp.inf)
   return out, lse_BKG.reshape(B, K * G)
+
+
+def _combine_kernel(o_ref, lse_ref, out_ref):
+  """One query head: merge its P partial outputs [P, H] by their log-sum-exps [P]."""
+  lse_P = lse_ref[...]
+  m = jnp.max(lse_P)
+  m = jnp.where(m > -jnp.inf, m, 0.0)
+  w_P = jnp.exp(lse_P - m)
+  den = jnp.sum(w_P)
+  o_H = jnp.sum(w_P[:, None] * o_ref[...], axis=0)
+  out_ref[...] = (o_H / jnp.where(den > 0.0, den, 1.0)).astype(out_ref.dtype)
+
+
+def combine_splits_kernel(o_BKPGH, lse_BKPG, num_heads: int, out_dtype, *, interpret: bool = False):
+  """`combine_splits` (without return_lse) as one Pallas kernel, one program per query head.
+
+  XLA lowers the jnp merge to three kernels (max, weighted sums, divide + cast); on an H200 batch-1
+  decode step these were 3.7 us of each layer's 60 (results/decode_profile_auto.md). Splits are
+  padded to a power of two (Triton block sizes) with empty (-inf) partials when P is not one.
+  Equals `combine_splits` up to float32 summation order.
+  """
+  B, K, P, Gp, H = o_BKPGH.shape
+  G = num_heads // K
+  Pp = _next_pow2(P)
+  if Pp != P:
+    o_BKPGH = jnp.pad(o_BKPGH, ((0, 0), (0, 0), (0, Pp - P), (0, 0), (0, 0)))
+    lse_BKPG = jnp.pad(lse_BKPG, ((0, 0), (0, 0), (0, Pp - P), (0, 0)), constant_values=-jnp.inf)
+  return pl.pallas_call(
+      _combine_kernel,
+      grid=(B, K, G),
+      in_specs=[pl.BlockSpec((None, None, Pp, None, H), lambda b, k, g: (b, k, 0, g, 0)),
+                pl.BlockSpec((None, None, Pp, None), lambda b, k, g: (b, k, 0, g))],
+      out_specs=pl.BlockSpec((None, None, H), lambda b, k, g: (b, k * G + g, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, num_heads, H), out_dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
+      interpret=interpret,
+      name="decode_attention_combine",
+  )(o_BKPGH, lse_BKPG)
 
 
 def default_num_splits(batch: int, num_kv_heads: int, seq_len: int, block_k: int,
@@ -289,17 +332,22 @@ def _splits_and_scale(B, K, S, H, block_k, num_splits, sm_scale):
 
 
 def _split_layout(q_BNH, k_BSKH, block_k, num_splits):
-  """(queries as [B, K, Gp, H] zero-padded to Gp rows per kv head, Gp, splits P, keys per split)."""
+  """(queries, group G, tile rows Gp, splits P, keys per split); the kernels cast the queries to
+  the cache dtype after loading them."""
   B, N, H = q_BNH.shape
   _, S, K, _ = k_BSKH.shape
   G = N // K
-  Gp = max(16, _next_pow2(G))
   nblocks = pl.cdiv(S, block_k)
   P = max(1, min(num_splits, nblocks))
-  q_BKGH = q_BNH.reshape(B, K, G, H).astype(k_BSKH.dtype)
-  if Gp != G:
-    q_BKGH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
-  return q_BKGH, Gp, P, pl.cdiv(nblocks, P) * block_k
+  return q_BNH, G, max(16, _next_pow2(G)), P, pl.cdiv(nblocks, P) * block_k
+
+
+def _load_queries(q_ref, G: int, Gp: int):
+  """The G query heads of this program's kv head (grid axis 1) from the [N, H] queries of its
+  row, as a [Gp, H] tile whose rows >= G are zero (a masked load: no padded copy of q)."""
+  rows = jnp.arange(Gp)
+  return plgpu.load(q_ref.at[pl.ds(pl.program_id(1) * G, Gp), :], mask=(rows < G)[:, None],
+                    other=0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_k", "num_splits", "num_warps",
@@ -308,16 +356,17 @@ def _decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, sm_scale, block_k, nu
                       num_stages, interpret, return_lse):
   B, N, H = q_BNH.shape
   _, S, K, _ = k_BSKH.shape
-  q_BKGH, Gp, P, chunk = _split_layout(q_BNH, k_BSKH, block_k, num_splits)
+  q_BNH, G, Gp, P, chunk = _split_layout(q_BNH, k_BSKH, block_k, num_splits)
   lengths_B = jnp.clip(jnp.asarray(lengths_B, jnp.int32), 0, S)
   kv_bytes = 2 * B * S * K * H * k_BSKH.dtype.itemsize
-  kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, block_k=block_k, chunk=chunk)
+  kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, block_k=block_k, chunk=chunk, G=G,
+                             Gp=Gp)
   o, lse = pl.pallas_call(
       kernel,
       grid=(B, K, P),
       in_specs=[
           pl.BlockSpec((B,), lambda b, h, p: (0,)),
-          pl.BlockSpec((None, None, Gp, H), lambda b, h, p: (b, h, 0, 0)),
+          pl.BlockSpec((None, N, H), lambda b, h, p: (b, 0, 0)),
           pl.BlockSpec((None, S, None, H), lambda b, h, p: (b, 0, h, 0)),
           pl.BlockSpec((None, S, None, H), lambda b, h, p: (b, 0, h, 0)),
       ],
@@ -332,8 +381,10 @@ def _decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, sm_scale, block_k, nu
                                     bytes_accessed=kv_bytes + 2 * B * N * H * 2),
       interpret=interpret,
       name="decode_attention_bf16",
-  )(lengths_B, q_BKGH, k_BSKH, v_BSKH)
-  return combine_splits(o, lse, N, q_BNH.dtype, return_lse)
+  )(lengths_B, q_BNH, k_BSKH, v_BSKH)
+  if return_lse:
+    return combine_splits(o, lse, N, q_BNH.dtype, return_lse=True)
+  return combine_splits_kernel(o, lse, N, q_BNH.dtype, interpret=interpret)
 
 
 def decode_attention(q_BNH, k_BSKH, v_BSKH, lengths_B, *, sm_scale: Optional[float] = None,
@@ -401,9 +452,10 @@ def _decode_attention_append(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSKH, positi
                              block_k, num_splits, num_warps, num_stages, interpret):
   B, N, H = q_BNH.shape
   _, S, K, _ = k_BSKH.shape
-  q_BKGH, Gp, P, chunk = _split_layout(q_BNH, k_BSKH, block_k, num_splits)
+  q_BNH, G, Gp, P, chunk = _split_layout(q_BNH, k_BSKH, block_k, num_splits)
   kv_bytes = 2 * B * S * K * H * k_BSKH.dtype.itemsize
-  kernel = functools.partial(_append_kernel, sm_scale=sm_scale, block_k=block_k, chunk=chunk)
+  kernel = functools.partial(_append_kernel, sm_scale=sm_scale, block_k=block_k, chunk=chunk, G=G,
+                             Gp=Gp)
   cache_spec = pl.BlockSpec((None, S, None, H), lambda b, h, p: (b, 0, h, 0))
   new_spec = pl.BlockSpec((None, None, H), lambda b, h, p: (b, h, 0))
   o, lse, k_BSKH, v_BSKH = pl.pallas_call(
@@ -411,7 +463,7 @@ def _decode_attention_append(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSKH, positi
       grid=(B, K, P),
       in_specs=[
           pl.BlockSpec((B,), lambda b, h, p: (0,)),
-          pl.BlockSpec((None, None, Gp, H), lambda b, h, p: (b, h, 0, 0)),
+          pl.BlockSpec((None, N, H), lambda b, h, p: (b, 0, 0)),
           new_spec, new_spec, cache_spec, cache_spec,
       ],
       out_specs=[
@@ -429,9 +481,9 @@ def _decode_attention_append(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSKH, positi
                                     bytes_accessed=kv_bytes + 2 * B * N * H * 2),
       interpret=interpret,
       name="decode_attention_append_bf16",
-  )(jnp.asarray(positions_B, jnp.int32), q_BKGH, k_new_BKH.astype(k_BSKH.dtype),
+  )(jnp.asarray(positions_B, jnp.int32), q_BNH, k_new_BKH.astype(k_BSKH.dtype),
     v_new_BKH.astype(v_BSKH.dtype), k_BSKH, v_BSKH)
-  return combine_splits(o, lse, N, q_BNH.dtype), k_BSKH, v_BSKH
+  return combine_splits_kernel(o, lse, N, q_BNH.dtype, interpret=interpret), k_BSKH, v_BSKH
 
 
 def decode_attention_append(q_BNH, k_new_BKH, v_new_BKH, k_BSKH, v_BSKH, positions_B, *,

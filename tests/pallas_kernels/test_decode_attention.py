@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import (decode_attention, decode_attention_append,
+from pallas_kernels.decode_attention import (combine_splits, combine_splits_kernel,
+                                             decode_attention, decode_attention_append,
                                              decode_attention_append_reference,
                                              decode_attention_reference)
 
@@ -52,6 +53,26 @@ def test_matches_reference_ragged(group):
   np.testing.assert_allclose(np.asarray(lse[live]), np.asarray(lse_ref[live]), rtol=1e-4, atol=1e-4,
                              err_msg=f"seed={seed}")
   assert np.all(np.isneginf(np.asarray(lse[~live])))
+
+
+@pytest.mark.parametrize("splits,group", [(3, 4), (4, 1), (1, 8)])
+def test_combine_kernel_matches_jnp_combine(splits, group):
+  """The Pallas split merge equals the jnp one (odd split counts padded; empty splits and rows
+  whose every split is empty included)."""
+  rng, seed = _rng()
+  B, K, H, Gp = 3, 2, 32, 16
+  o = jnp.asarray(rng.standard_normal((B, K, splits, Gp, H)), jnp.float32)
+  lse = rng.standard_normal((B, K, splits, Gp)) * 4
+  lse[0, :, -1] = -np.inf  # one empty split
+  lse[1, 1] = -np.inf  # a (row, kv head) with no keys at all
+  lse = jnp.asarray(lse, jnp.float32)
+  o = jnp.where(jnp.isfinite(lse)[..., None], o, 0.0)  # empty splits store zeros
+  got = combine_splits_kernel(o, lse, K * group, jnp.float32, interpret=INTERPRET)
+  want = combine_splits(o, lse, K * group, jnp.float32)
+  assert got.shape == (B, K * group, H)
+  assert np.all(np.isfinite(np.asarray(got))), seed
+  assert _rel(got, want) < 1e-6, seed
+  assert np.all(np.asarray(got)[1, group:] == 0.0), seed
 
 
 def test_length_one_equals_first_value():
