@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "pallas", "cudnn", "auto")
 MATVEC_IMPLS = ("xla", "pallas", "hybrid", "auto")
+NORM_IMPLS = ("xla", "pallas", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 MLP_TYPES = ("swiglu", "relu2")
@@ -56,6 +57,11 @@ class ModelConfig:
   output projection; XLA elsewhere and off-GPU; the default: a batch-1 decode step of a 1.24B
   model 14% faster on an H200, results/decode_bench.md); see `effjax.layers.linear.project`.
   Training and prefill (more rows) always use jnp.einsum.
+
+  `norm_impl` picks how a block's residual add and the following RMSNorm run: "xla" (jnp; three
+  kernels on a GPU), "pallas" (`pallas_kernels.add_rmsnorm`, one kernel; interpret mode off-GPU)
+  or "auto" (the default: "pallas" on a GPU for at most `effjax.layers.norms.FUSED_MAX_ROWS` rows,
+  i.e. decoding, "xla" otherwise); see `effjax.layers.norms`.
   """
   vocab_size: int = 260
   d_model: int = 128
@@ -74,6 +80,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   attention_impl: str = "xla"
   matvec_impl: str = "auto"
+  norm_impl: str = "auto"
   attention_bias: bool = False
   qk_norm: bool = False
   norm_eps: float = 1e-6
@@ -138,6 +145,7 @@ def _check_model(m: ModelConfig, prefix: str):
   _check_choice(m.rope_scaling, f"{prefix}.rope_scaling", ROPE_SCALINGS)
   _check_choice(m.attention_impl, f"{prefix}.attention_impl", ATTENTION_IMPLS)
   _check_choice(m.matvec_impl, f"{prefix}.matvec_impl", MATVEC_IMPLS)
+  _check_choice(m.norm_impl, f"{prefix}.norm_impl", NORM_IMPLS)
   _check_choice(m.dtype, f"{prefix}.dtype", DTYPES)
   _check_choice(m.param_dtype, f"{prefix}.param_dtype", PARAM_DTYPES)
   _check_choice(m.mlp_type, f"{prefix}.mlp_type", MLP_TYPES)

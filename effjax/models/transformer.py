@@ -46,17 +46,28 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-  """One pre-norm transformer block: attention then MLP, each with a residual."""
+  """One pre-norm transformer block: attention then MLP, each with a residual.
+
+  The residual stream is carried as a pair `(x, delta)` whose sum is the stream, so every residual
+  add happens inside the norm that follows it (`norm(x, residual=delta)`: one fused kernel when
+  decoding on a GPU, `effjax.layers.norms`). `delta_BTD` is the previous block's MLP output (None
+  for the first block); the block returns `(x + delta + attn_out, mlp_out, cache)`, the same sums
+  in the same order as `x + attn(norm(x)); x + mlp(norm(x))`.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache=None, mask_BTS=None):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT=None, cache=None, mask_BTS=None,
+               delta_BTD=None):
     c = self.cfg
-    h_BTD, cache = Attention(c, name="attn")(make_norm(c, "attn_norm")(x_BTD),
-                                              positions_BT, segment_ids_BT, cache, mask_BTS)
-    x_BTD = x_BTD + h_BTD
-    x_BTD = x_BTD + make_mlp(c, "mlp")(make_norm(c, "mlp_norm")(x_BTD))
-    return x_BTD, cache
+    attn_norm = make_norm(c, "attn_norm")
+    if delta_BTD is None:
+      a_BTD = attn_norm(x_BTD)
+    else:
+      x_BTD, a_BTD = attn_norm(x_BTD, residual=delta_BTD)
+    h_BTD, cache = Attention(c, name="attn")(a_BTD, positions_BT, segment_ids_BT, cache, mask_BTS)
+    x_BTD, m_BTD = make_norm(c, "mlp_norm")(x_BTD, residual=h_BTD)
+    return x_BTD, make_mlp(c, "mlp")(m_BTD), cache
 
 
 class Transformer(nn.Module):
@@ -93,8 +104,11 @@ class Transformer(nn.Module):
 
   def logits(self, h_BTD):
     """Final norm + LM head, `[B, T, D] -> [B, T, V]` float32."""
+    return self._head(self.final_norm(h_BTD))
+
+  def _head(self, h_BTD):
+    """LM head (with OSP's output projection) of the final-normed stream, float32 logits."""
     c = self.cfg
-    h_BTD = self.final_norm(h_BTD)
     if c.emb_proj:
       h_BTD = self.emb_proj_out(h_BTD)
     if c.tie_embeddings:  # the [V, D] embedding as it is (no transposed copy)
@@ -120,13 +134,16 @@ class Transformer(nn.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     x_BTD = self.embed(tokens_BT)
+    delta_BTD = None
     new_caches = []
     for i, block in enumerate(self.blocks):
       cache = None if caches is None else caches[i]
-      x_BTD, cache = block(x_BTD, positions_BT, segment_ids_BT, cache, mask_BTS)
+      x_BTD, delta_BTD, cache = block(x_BTD, positions_BT, segment_ids_BT, cache, mask_BTS,
+                                      delta_BTD)
       new_caches.append(cache)
-      self.sow("intermediates", f"hidden_{i}", x_BTD)
-    logits_BTV = self.logits(x_BTD)
+      if self.is_mutable_collection("intermediates"):
+        self.sow("intermediates", f"hidden_{i}", x_BTD + delta_BTD)
+    logits_BTV = self._head(self.final_norm(x_BTD, residual=delta_BTD)[1])
     if caches is None:
       return logits_BTV
     return logits_BTV, new_caches

@@ -44,9 +44,10 @@ def test_causality_logits_and_grads(rng):
 def _blocks(m, x_BTD):
   B, T, _ = x_BTD.shape
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  delta_BTD = None
   for blk in m.blocks:
-    x_BTD, _ = blk(x_BTD, pos)
-  return x_BTD
+    x_BTD, delta_BTD, _ = blk(x_BTD, pos, delta_BTD=delta_BTD)
+  return x_BTD + delta_BTD
 
 
 def test_gqa_equals_mha_with_repeated_kv(rng):
