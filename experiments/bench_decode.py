@@ -53,9 +53,10 @@ flags.DEFINE_string("out", "results/decode_bench.md", "markdown output")
 flags.DEFINE_bool("tiny", False, "tiny model (CPU smoke run of this script)")
 flags.DEFINE_string("unrolls", "1", "decode steps per while iteration (first is the main "
                     "table; others are extra rows for batch 1, first context)")
-flags.DEFINE_string("variants", "auto:auto", "comma-separated MATVEC:ATTEND kernel choices: "
+flags.DEFINE_string("variants", "auto:auto", "comma-separated MATVEC:ATTEND[:NORM] kernel choices: "
                     "model.matvec_impl (xla|pallas|hybrid|auto) : DenseCache attend_impl "
-                    "(xla|pallas|auto); one table row per (variant, batch, context)")
+                    "(xla|pallas|auto) [: model.norm_impl (xla|pallas|auto), default auto]; one "
+                    "table row per (variant, batch, context)")
 flags.DEFINE_bool("diagnose", True, "also time one decode step outside the loop (batch 1, "
                   "first context): separates loop overhead from the step itself")
 
@@ -170,8 +171,9 @@ def main(argv):
   batches = [int(b) for b in FLAGS.batches.split(",")]
   variants = [tuple(v.split(":")) for v in FLAGS.variants.split(",")]
   for v in variants:
-    if len(v) != 2:
-      raise ValueError(f"--variants: each entry must be MATVEC:ATTEND, got {':'.join(v)!r}")
+    if len(v) not in (2, 3):
+      raise ValueError(f"--variants: each entry must be MATVEC:ATTEND[:NORM], got {':'.join(v)!r}")
+  variants = [v if len(v) == 3 else (*v, "auto") for v in variants]
   diag = []
   if FLAGS.diagnose:
     B, C = batches[0], contexts[0]
@@ -186,11 +188,11 @@ def main(argv):
                   f"({100 * w_bytes / bw / t_w:.1f}% of the copy bandwidth).")
       print(diag[-1], flush=True)
   unrolls = [int(u) for u in FLAGS.unrolls.split(",")]
-  points = [(mv, at, B, C, unrolls[0]) for (mv, at) in variants for B in batches
+  points = [(mv, at, nm, B, C, unrolls[0]) for (mv, at, nm) in variants for B in batches
             for C in contexts]
   points[1:1] = [(*variants[0], batches[0], contexts[0], u) for u in unrolls[1:]]
-  for mv, at, B, C, unroll in points:
-    cfg = dataclasses.replace(base_cfg, matvec_impl=mv)
+  for mv, at, nm, B, C, unroll in points:
+    cfg = dataclasses.replace(base_cfg, matvec_impl=mv, norm_impl=nm)
     model = Transformer(cfg)
     kv_bytes = 2 * cfg.num_layers * B * C * cfg.num_kv_heads * cfg.head_dim * 2
     floor_s = (w_bytes + kv_bytes) / bw
@@ -202,14 +204,14 @@ def main(argv):
       t1 = devtime.median_wall(prog, params, jnp.int32(n1), trials=FLAGS.trials)
       t2 = devtime.median_wall(prog, params, jnp.int32(n2), trials=FLAGS.trials)
     except Exception as e:  # pylint: disable=broad-except
-      print(f"{mv}:{at} B={B} C={C}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+      print(f"{mv}:{at}:{nm} B={B} C={C}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
       continue
     step_s = (t2 - t1) / (n2 - n1)
-    row = dict(variant=f"{mv}:{at}", B=B, C=C, unroll=unroll, ms=step_s * 1e3, tok_s=B / step_s,
+    row = dict(variant=f"{mv}:{at}:{nm}", B=B, C=C, unroll=unroll, ms=step_s * 1e3, tok_s=B / step_s,
                floor_ms=floor_s * 1e3, pct=100 * floor_s / step_s, kv_gb=kv_bytes / 1e9,
                wall=time.time() - t0, n=(n1, n2))
     rows.append(row)
-    print(f"{mv}:{at} B={B:3d} C={C:6d} unroll={unroll}: {row['ms']:.3f} ms/step  "
+    print(f"{mv}:{at}:{nm} B={B:3d} C={C:6d} unroll={unroll}: {row['ms']:.3f} ms/step  "
           f"{row['tok_s']:9.1f} tok/s  floor {row['floor_ms']:.3f} ms  {row['pct']:5.1f}% of floor "
           f" (KV {row['kv_gb']:.2f} GB, steps {n1}->{n2}, {row['wall']:.0f}s incl. compile)",
           flush=True)
@@ -233,7 +235,7 @@ def _write(rows, cfg, n_params, w_bytes, bw, diag):
       "slope of the median wall time of one jitted program (cache set-up + decode loop) between "
       "n1 and n2 steps.",
       "",
-      "| matvec:attend | batch | context | steps/while-iter | ms/step | tokens/s | floor ms/step "
+      "| matvec:attend:norm | batch | context | steps/while-iter | ms/step | tokens/s | floor ms/step "
       "| % of floor | KV read GB/step |",
       "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]

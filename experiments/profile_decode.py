@@ -35,12 +35,13 @@ from effjax.models.transformer import Transformer  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("matvec", "auto", "model.matvec_impl")
 flags.DEFINE_string("attend", "auto", "DenseCache attend_impl")
+flags.DEFINE_string("norm", "auto", "model.norm_impl")
 flags.DEFINE_integer("batch", 1, "batch")
 flags.DEFINE_integer("context", 2048, "positions already in the cache")
 flags.DEFINE_integer("steps", 32, "decode steps in the traced run")
 flags.DEFINE_integer("top", 40, "kernels listed")
 flags.DEFINE_string("profile_out", "results/decode_profile.md", "markdown output")
-flags.DEFINE_string("anchor", "decode_attention", "--sequence lists the kernels between two "
+flags.DEFINE_string("anchor", "decode_attention_append", "--sequence lists the kernels between two "
                     "consecutive launches of the first kernel whose name contains this (one layer)")
 flags.DEFINE_bool("sequence", True, "also list one layer's kernels in launch order")
 # --tiny comes from experiments.bench_decode (tiny model, CPU smoke run)
@@ -76,7 +77,8 @@ def layer_sequence(evs, anchor):
 
 def main(argv):
   del argv
-  cfg = dataclasses.replace(model_config(FLAGS.tiny), matvec_impl=FLAGS.matvec)
+  cfg = dataclasses.replace(model_config(FLAGS.tiny), matvec_impl=FLAGS.matvec,
+                            norm_impl=FLAGS.norm)
   model = Transformer(cfg)
   params = random_params(model)
   B, C, n = FLAGS.batch, FLAGS.context, FLAGS.steps
@@ -105,7 +107,7 @@ def main(argv):
     per[e["name"]][0] += 1
     per[e["name"]][1] += e["dur"]
   rows = sorted(per.items(), key=lambda kv: -kv[1][1])
-  lines = [f"# Decode step profile: matvec={FLAGS.matvec} attend={FLAGS.attend} batch={B} "
+  lines = [f"# Decode step profile: matvec={FLAGS.matvec} attend={FLAGS.attend} norm={FLAGS.norm} batch={B} "
            f"context={C}", "",
            f"Device: {jax.devices()[0].device_kind}, jax {jax.__version__}. One program of {n} "
            f"decode steps (plus cache set-up) traced; track {pid_names.get(track[0], track)}.", "",
