@@ -30,9 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effjax.config import NORM_IMPLS
 from pallas_kernels import add_rmsnorm as add_rmsnorm_lib
 
-NORM_IMPLS = ("xla", "pallas", "auto")
 # "auto" fuses on a GPU up to this many rows (batch x tokens): the decode shapes it was measured on
 FUSED_MAX_ROWS = 64
 
@@ -107,7 +107,8 @@ class SSNorm(nn.Module):
 def make_norm(cfg, name: str | None = None, axis_name: str = "embed") -> nn.Module:
   """The norm named by `cfg.norm_type` ("rmsnorm" | "ssnorm") with the model's eps and dtypes.
 
-  `impl` is `cfg.norm_impl` (how a residual add + norm runs). `axis_name` is the logical axis of RMSNorm's per-channel gain (SSNorm's scalar has none).
+  `impl` is `cfg.norm_impl` (how a residual add + norm runs). `axis_name` is the logical axis of
+  RMSNorm's per-channel gain (SSNorm's scalar has none).
   `name=None` leaves the name to flax (e.g. the attribute name in `setup`).
   """
   kw = dict(eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
