@@ -2,8 +2,9 @@
 
 "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (Dao,
 arXiv 2307.08691) through our Pallas kernels
-(`pallas_kernels.flash_attention`, forward + backward, Triton lowering on NVIDIA GPUs, Mosaic on
-TPU), and cuDNN's fused attention through `jax.nn.dot_product_attention(implementation="cudnn")`.
+(`pallas_kernels.flash_attention`, forward + backward; on NVIDIA GPUs the Mosaic GPU lowering
+(Hopper, FlashAttention-3 warp specialisation) where the call is within its features, else the
+Triton lowering; Mosaic on TPU), and cuDNN's fused attention through `jax.nn.dot_product_attention(implementation="cudnn")`.
 
 `auto_impl` encodes the H200 measurements in `results/attention.md`
 (`experiments/bench_attention.py`): see its docstring for the rule.
@@ -19,7 +20,8 @@ from effjax.attention.dense import normalize_window, split_segment_ids
 
 def attend_pallas(q, k, v, *, causal=False, segment_ids=None, window=None, softcap=None,
                   sm_scale=None):
-  """Attention through the Pallas flash-attention kernel (GPU: Triton lowering; TPU: Mosaic).
+  """Attention through the Pallas flash-attention kernels (`flash_attention`'s default lowering:
+  Mosaic GPU on Hopper for bf16/fp16 without softcap or segment ids, else Triton; TPU: Mosaic).
 
   Raises:
     ValueError: on a backend without a compiled Pallas path (CPU: use impl="xla"; the
