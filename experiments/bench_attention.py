@@ -53,7 +53,7 @@ VARIANTS = {
                        "dkv_num_warps": 8, "dkv_num_stages": 2}, ("fwd+bwd",)),
     "atomic_fma": ({"dq_atomic": True, "dkv_num_warps": 8, "fma_softmax": True}, ("fwd+bwd",)),
 }
-PEERS = ("cudnn", "jax_mha", "xla")
+PEERS = ("cudnn", "jax_mha", "jax_mgpu", "xla")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", "results", "where to write attention_bench.{md,json}")
@@ -96,6 +96,9 @@ def attention_fns(impl: str, causal: bool, scale: float, blocks=None, interpret=
   if impl == "pallas":
     f = lambda q, k, v: flash_attention(q, k, v, causal=causal, sm_scale=scale,
                                         block_sizes=blocks, interpret=interpret)
+  elif impl == "mosaic_gpu":  # our Mosaic GPU (warp-specialised, Hopper) kernels
+    f = lambda q, k, v: flash_attention(q, k, v, causal=causal, sm_scale=scale,
+                                        backend="mosaic_gpu", interpret=interpret)
   elif impl == "cudnn":
     f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                                      implementation="cudnn")
@@ -105,6 +108,15 @@ def attention_fns(impl: str, causal: bool, scale: float, blocks=None, interpret=
   elif impl == "jax_mha":
     from jax.experimental.pallas.ops.gpu import attention as jax_attention  # pylint: disable=g-import-not-at-top
     f = lambda q, k, v: jax_attention.mha(q, k, v, None, sm_scale=scale, causal=causal)
+  elif impl == "jax_mgpu":
+    # jax's Mosaic-GPU (Hopper, warp-specialised) attention; its shared-memory buffers are
+    # float16, so it is given float16 inputs (same tensor-core rate as bf16); causal has no
+    # backward there. It applies no softmax scale: the benchmark's q is pre-scaled (run_shape).
+    from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=g-import-not-at-top
+    cfg = attention_mgpu.TuningConfig(
+        block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal, compute_wgs_bwd=1,
+        block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+    f = lambda q, k, v: attention_mgpu.attention(q, k, v, cfg)
   else:
     raise ValueError(f"unknown impl {impl!r}")
 
@@ -154,8 +166,12 @@ def run_shape(B, H, K, S, D, causal, impls, rows, blocks=None, label=None, inter
       impl = "pallas"
     elif impl == "jax_mha":
       modes = tuple(FLAGS.mha_modes.split(","))
-    elif impl not in PEERS:
-      raise ValueError(f"--impls: unknown {impl!r}; known: {sorted(VARIANTS) + list(PEERS)}")
+    elif impl == "jax_mgpu":
+      sets = [((q * scale).astype(jnp.float16),) + tuple(a.astype(jnp.float16) for a in rest)
+              for q, *rest in base]
+      modes = ("fwd",) if causal else ("fwd", "fwd+bwd")
+    elif impl not in PEERS + ("mosaic_gpu",):
+      raise ValueError(f"--impls: unknown {impl!r}; known: {sorted(VARIANTS) + list(PEERS) + ['mosaic_gpu']}")
     fwd, fb = attention_fns(impl, causal, scale, blk, interpret=interpret)
     for mode, fn, args in (("fwd", fwd, [s[:3] for s in sets]), ("fwd+bwd", fb, sets)):
       if mode not in modes:
@@ -255,7 +271,7 @@ def main(argv):
   if FLAGS.tiny:  # CPU smoke test of the plumbing: interpret mode, tiny tiles
     blocks = BlockSizes(block_q=16, block_k=16, dq_block_q=16, dq_block_k=16, dkv_block_q=16,
                         dkv_block_k=16)
-  generic = any(i not in ("pallas",) + PEERS for i in impls)
+  generic = any(i not in ("pallas", "cudnn", "jax_mha", "xla") for i in impls)
   render = variant_table if generic else table
   causals = [{"true": True, "false": False}[c] for c in FLAGS.causal.split(",")]
   for D in [int(x) for x in FLAGS.head_dims.split(",")]:

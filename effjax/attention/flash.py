@@ -79,22 +79,33 @@ def attend_cudnn(q, k, v, *, causal=False, segment_ids=None, window=None, softca
                                       local_window_size=local, implementation="cudnn")
 
 
+# Longest key length at which "auto" prefers our Mosaic GPU kernels over cuDNN on Hopper (H200,
+# B=4, 16/4 heads, D=64/128, results/attention.md): at S = 1k ours is 1.11-1.76x cuDNN forward and
+# 1.13-1.21x forward+backward; from 4k on cuDNN is ahead by up to 8% forward / 19% fwd+bwd.
+MOSAIC_OVER_CUDNN_MAX_KV = 2048
+
+
 def auto_impl(q, k, v, *, causal=False, segment_ids=None, window=None, softcap=None) -> str:
   """Picks "xla", "pallas" or "cudnn" for this call.
 
-  Rule (H200 measurements, results/attention.md): on GPU cuDNN wherever it supports the call
-  (it is 1.2-1.7x faster than our Triton kernel at every benchmarked shape with S >= 4k and
-  ties it at S = 1k, D = 64), else the Pallas kernel (softcap, segment ids, float32, head_dim
-  256, masks with q_len != kv_len);
-  on TPU the Pallas (Mosaic) kernel; on CPU the XLA reference (Pallas interpret mode is for
-  tests only).
+  Rule (H200 measurements, results/attention.md): on GPU cuDNN wherever it supports the call,
+  except on Hopper for key lengths <= MOSAIC_OVER_CUDNN_MAX_KV when our Mosaic GPU kernels
+  support it (there they are faster); else the Pallas kernels (softcap, segment ids, float32,
+  head_dim 256, masks with q_len != kv_len), whose default lowering is Mosaic GPU on Hopper within
+  its features and Triton otherwise; on TPU the Pallas (Mosaic) kernel; on CPU the XLA reference
+  (Pallas interpret mode is for tests only).
   """
   backend = jax.default_backend()
   if backend == "gpu":
     if _cudnn_unsupported(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
-                          softcap=softcap) is None:
-      return "cudnn"
-    return "pallas"
+                          softcap=softcap) is not None:
+      return "pallas"
+    from pallas_kernels.flash_attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
+    if (k.shape[1] <= MOSAIC_OVER_CUDNN_MAX_KV and mosaic_gpu.is_hopper() and
+        mosaic_gpu.unsupported(dtype=q.dtype, head_dim=q.shape[-1], softcap=softcap,
+                               has_segments=segment_ids is not None) is None):
+      return "pallas"
+    return "cudnn"
   if backend == "tpu":
     return "pallas"
   return "xla"

@@ -24,7 +24,9 @@ head_dim 256) in the forward, 64 x 64 in the backward; two-slot rings (one slot 
 at head_dim 256, for shared memory). Inputs are bf16/fp16 with head_dim a multiple of 64 (the API pads
 other head dims with zeros). Interpret mode (CPU tests) runs the same kernels under Pallas's Mosaic
 GPU interpreter; the interpreter of jax 0.10 has no `run_state`, so there the wgmma that
-accumulates into a live register accumulator is written as `acc + (A @ B)` (same sum).
+accumulates into a live register accumulator is written as `acc + (A @ B)` (same sum). On CPU under
+`jax.jit`, that interpreter (jax 0.10.2) hangs in the backward kernels (the forward runs), so the
+CPU tests call them eagerly.
 """
 
 from __future__ import annotations
