@@ -247,7 +247,14 @@ def test_dispatch_errors_name_feature_and_impl():
       flash.attend_cudnn(q, kv, kv, segment_ids=jnp.ones((1, 8), jnp.int32))
     with pytest.raises(ValueError, match="impl='cudnn'.*float32"):
       flash.attend_cudnn(q.astype(jnp.float32), kv.astype(jnp.float32), kv.astype(jnp.float32))
-    assert flash.auto_impl(q, kv, kv, causal=True) == "cudnn"
+    from pallas_kernels.flash_attention import mosaic_gpu  # pylint: disable=g-import-not-at-top
+    # Hopper: our Mosaic GPU kernels up to MOSAIC_OVER_CUDNN_MAX_KV keys, cuDNN beyond.
+    L = flash.MOSAIC_OVER_CUDNN_MAX_KV + 1
+    q_long = jnp.zeros((1, L, 4, 64), jnp.bfloat16)
+    kv_long = jnp.zeros((1, L, 2, 64), jnp.bfloat16)
+    short = "pallas" if mosaic_gpu.is_hopper() else "cudnn"
+    assert flash.auto_impl(q, kv, kv, causal=True) == short
+    assert flash.auto_impl(q_long, kv_long, kv_long, causal=True) == "cudnn"
     assert flash.auto_impl(q, kv, kv, softcap=5.0) == "pallas"
   else:
     with pytest.raises(ValueError, match="impl='pallas'"):
