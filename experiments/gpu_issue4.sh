@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Issue 4 follow-up on one H200, one device call (<= ~5 min wall): flash-attention tests compiled
-# for the GPU (new atomic-dQ / FMA-softmax paths first, then a representative subset of the rest),
-# then experiments/bench_attention.py at D=128 (D=64 if the time budget allows), S in {4096, 16384},
-# causal and not, forward and forward+backward, for our kernel's variants (two-kernel vs atomic-dQ
-# backward, FMA softmax) against cuDNN and jax's Pallas mha in the same run. Everything lands under
-# $OUT; a compact summary (test counts + the benchmark table) is printed last.
+# Issue 4 on one H200, one device call (<= ~9 min wall): the Mosaic GPU flash-attention tests
+# compiled for the GPU (tests/pallas_kernels/test_flash_attention_mosaic_gpu.py), a representative
+# subset of the Triton-lowering tests and the `attend` dispatch tests, then
+# experiments/bench_attention.py at D=128 and D=64, S in {1k, 4k, 16k, 32k}, causal and not, forward
+# and forward+backward: ours (Mosaic GPU, and the Triton lowering at D=128) against cuDNN, jax's
+# Pallas mha (Triton) and jax's Mosaic-GPU attention in the same run. Everything lands under $OUT;
+# a compact summary (test counts + the benchmark tables) is printed last.
+# (Earlier sessions' Triton variants: IMPLS_128=pallas,pallas_fma,atomic_w8,cudnn,jax_mha.)
 #
 #   bash experiments/gpu_issue4.sh            # on the device
 #   TINY=1 bash experiments/gpu_issue4.sh     # CPU smoke test of this script (interpret mode,
@@ -18,25 +20,25 @@ TINY=${TINY:-0}
 export PYTHONUNBUFFERED=1
 T_START=$(date +%s)
 TEST=tests/pallas_kernels/test_flash_attention.py
-VARIANTS=pallas,pallas_fma,atomic_w8,atomic_64x128,atomic_fma
+TEST_MGPU=tests/pallas_kernels/test_flash_attention_mosaic_gpu.py
+IMPLS_128=${IMPLS_128:-mosaic_gpu,cudnn,jax_mha,jax_mgpu,pallas}
+IMPLS_64=${IMPLS_64:-mosaic_gpu,cudnn,jax_mha}
 
 if [ "$TINY" = 1 ]; then
   export JAX_PLATFORMS=cpu
-  SEL_NEW=(-k "atomic-dq-gqa4 or fma-unmasked or gpu_atomic")
-  SEL_CORE=(-k "not atomic and not fma and (len7 or dispatch or gpu_sweep)")
-  BENCH_FLAGS=(--tiny --seqs=64 --head_dims=64 --batch=1 --heads=4 --kv_heads=2
-               --impls=$VARIANTS,cudnn,jax_mha --time_budget_s=60)
-  T_NEW=120; T_CORE=120; T_BENCH=240
+  SEL_NEW=(-k "errors")
+  SEL_CORE=(-k "len7 or dispatch")
+  SEQS=64
+  BENCH_FLAGS=(--tiny --batch=1 --heads=4 --kv_heads=2 --time_budget_s=60)
+  IMPLS_128=pallas; IMPLS_64=pallas
+  T_NEW=120; T_CORE=120; T_B128=240; T_B64=240
 else
-  # New paths: every atomic / FMA case (CPU-interpret cases run compiled here + GPU_ATOMIC).
-  SEL_NEW=(-k "atomic or fma")
-  # A representative subset of the rest (the whole file took > 200 s compiled on the H200).
-  CORE="len7 or len129 or transposed-dkv-causal or bf16 or fully_masked or gpu-1000-causal"
-  CORE="$CORE or attend_impls or dispatch"
-  SEL_CORE=(-k "not atomic and not fma and ($CORE)")
-  BENCH_FLAGS=(--seqs=4096,16384 --head_dims=128,64 --impls=$VARIANTS,cudnn,jax_mha
-               --mha_modes=fwd --time_budget_s=95)
-  T_NEW=75; T_CORE=55; T_BENCH=150
+  SEL_NEW=(-k "not interpret")
+  # A representative subset of the Triton-lowering cases plus the attend dispatch.
+  SEL_CORE=(-k "len7 or bf16 or fully_masked or attend_impls or dispatch")
+  SEQS=1024,4096,16384,32768
+  BENCH_FLAGS=(--mha_modes=fwd)
+  T_NEW=240; T_CORE=60; T_B128=250; T_B64=110
 fi
 
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/env.txt"
@@ -53,22 +55,27 @@ section() {  # name, time limit (s), command...
 }
 : > "$OUT/summary.txt"
 
-# 1. new paths (atomic-dQ backward, FMA softmax), compiled for the GPU (interpret=False there)
-section tests_new "$T_NEW" "$PY" -m pytest -p no:cacheprovider --durations=5 \
-  "${SEL_NEW[@]}" "$TEST"
-# 2. representative subset of the existing cases
+# 1. Mosaic GPU kernels, compiled (GPU_CASES) + errors
+section tests_mgpu "$T_NEW" "$PY" -m pytest -p no:cacheprovider --durations=5 "${SEL_NEW[@]}" "$TEST_MGPU"
+# 2. representative subset of the Triton-lowering cases and the attend dispatch
 section tests_core "$T_CORE" "$PY" -m pytest -p no:cacheprovider --durations=5 \
   "${SEL_CORE[@]}" "$TEST"
-# 3. benchmark (writes the table after every shape; a cut run keeps what is done)
-section bench "$T_BENCH" "$PY" experiments/bench_attention.py --out_dir="$OUT" "${BENCH_FLAGS[@]}"
+# 3. benchmarks (each writes its table after every shape; a cut run keeps what is done)
+mkdir -p "$OUT/d128" "$OUT/d64"
+section bench128 "$T_B128" "$PY" experiments/bench_attention.py --out_dir="$OUT/d128" --seqs=$SEQS \
+  --head_dims=128 --impls=$IMPLS_128 --time_budget_s=$(( T_B128 - 35 )) "${BENCH_FLAGS[@]}"
+section bench64 "$T_B64" "$PY" experiments/bench_attention.py --out_dir="$OUT/d64" --seqs=$SEQS \
+  --head_dims=64 --impls=$IMPLS_64 --time_budget_s=$(( T_B64 - 30 )) "${BENCH_FLAGS[@]}"
 
 echo
 echo "================ summary ($(( $(date +%s) - T_START )) s) ================"
 head -3 "$OUT/env.txt"
-for f in tests_new tests_core; do
+for f in tests_mgpu tests_core; do
   echo "$f: $(grep -E '[0-9]+ (passed|failed|skipped|error)' "$OUT/$f.log" | tail -n 1)"
   grep -E '^(FAILED|ERROR)' "$OUT/$f.log" | cut -c1-400 | head -n 8
 done
 cat "$OUT/summary.txt"
-grep -E '"error": "' "$OUT/bench.log" | cut -c1-300 | head -n 6
-[ -f "$OUT/attention_bench.md" ] && cat "$OUT/attention_bench.md" || echo "no benchmark table"
+grep -h -E '"error": "' "$OUT"/bench*.log | cut -c1-300 | head -n 6
+for d in d128 d64; do
+  [ -f "$OUT/$d/attention_bench.md" ] && cat "$OUT/$d/attention_bench.md" || echo "no $d table"
+done

@@ -191,6 +191,43 @@ def _drain(free_barriers, steps, stages: int):
       plgpu.barrier_wait(bar.at[lax.rem(j, stages)])
 
 
+def _visit(step, carry, cta_lo, lo, flo, fhi, hi, cta_hi):
+  """`step(j, carry, mode)` over the CTA's blocks j in [cta_lo, cta_hi): mode "skip" outside this
+  warpgroup's visible range [lo, hi) (ring bookkeeping only), "full" in [flo, fhi) (no mask),
+  "masked" in the rest."""
+  for a, z, mode in ((cta_lo, lo, "skip"), (lo, flo, "masked"), (flo, fhi, "full"),
+                     (fhi, hi, "masked"), (hi, cta_hi, "skip")):
+    carry = lax.fori_loop(a, z, functools.partial(step, mode=mode), carry)
+  return carry
+
+
+def _run_producer(load, steps, stages: int, free_barriers, interpret: bool):
+  """The producer warpgroup: fills the `stages`-slot ring with steps 0 .. steps-1 (`load(step,
+  slot)` issues the TMA copies of one step), reusing a slot once every consumer has freed it."""
+  if not interpret:
+    plgpu.set_max_registers(_SCHED_REGS[1], action="decrease")
+  for i in range(stages):
+    pl.when(i < steps)(functools.partial(load, jnp.int32(i), i))
+
+  @pl.loop(0, jnp.maximum(steps - stages, 0))
+  def _(j):
+    slot = lax.rem(j, stages)
+    for bar in free_barriers:
+      plgpu.barrier_wait(bar.at[slot])
+    load(j + stages, slot)
+
+  _drain(free_barriers, steps, stages)
+
+
+def _kv_loader(k_ref, v_ref, k_smem, v_smem, k_full, v_full, b, kh, bk: int, first_block):
+  """`load(step, slot)` for a ring of K/V tiles: key block `first_block + step` of KV head kh."""
+  def load(step, slot):
+    sl = (b, pl.ds((first_block + step) * bk, bk), kh)
+    plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_full.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_full.at[slot])
+  return load
+
+
 def _row(x, shape):
   return lax.broadcast_in_dim(x, shape, [0])
 
@@ -275,16 +312,8 @@ def forward(q4, k4, v4, cfg: C.KernelConfig, tl: dict):
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l
 
-      run = lambda a, z, mode, carry: lax.fori_loop(a, z, functools.partial(step, mode=mode),
-                                                    carry)
       pl.when(wg == 1)(sync)
-      carry = (acc, m, l)
-      carry = run(cta_lo, lo, "skip", carry)
-      carry = run(lo, flo, "masked", carry)
-      carry = run(flo, fhi, "full", carry)
-      carry = run(fhi, hi, "masked", carry)
-      carry = run(hi, cta_hi, "skip", carry)
-      acc, m, l = carry
+      acc, m, l = _visit(step, (acc, m, l), cta_lo, lo, flo, fhi, hi, cta_hi)
       pl.when(wg == 0)(sync)
 
       seen = l > 0
@@ -298,26 +327,9 @@ def forward(q4, k4, v4, cfg: C.KernelConfig, tl: dict):
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
-      if not interpret:
-        plgpu.set_max_registers(_SCHED_REGS[1], action="decrease")
-      kh = lax.div(n, jnp.int32(G))
-
-      def load(i, slot):
-        sl = (b, pl.ds(i * bk, bk), kh)
-        plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_full.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_full.at[slot])
-
-      for i in range(stages):
-        pl.when(i < steps)(functools.partial(load, cta_lo + i, i))
-
-      @pl.loop(0, jnp.maximum(steps - stages, 0))
-      def _(j):
-        slot = lax.rem(j, stages)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        load(cta_lo + j + stages, slot)
-
-      _drain((k_free, v_free), steps, stages)
+      load = _kv_loader(k_ref, v_ref, k_smem, v_smem, k_full, v_full, b,
+                        lax.div(n, jnp.int32(G)), bk, cta_lo)
+      _run_producer(load, steps, stages, (k_free, v_free), interpret)
 
   def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
     pl.run_scoped(
@@ -445,12 +457,7 @@ def _dq(q4, k4, v4, do4, lse_t, delta, cfg: C.KernelConfig, tl: dict):
         plgpu.barrier_arrive(k_free.at[slot])
         return acc
 
-      run = lambda a, z, mode, acc: lax.fori_loop(a, z, functools.partial(step, mode=mode), acc)
-      acc = run(cta_lo, lo, "skip", acc)
-      acc = run(lo, flo, "masked", acc)
-      acc = run(flo, fhi, "full", acc)
-      acc = run(fhi, hi, "masked", acc)
-      acc = run(hi, cta_hi, "skip", acc)
+      acc = _visit(step, acc, cta_lo, lo, flo, fhi, hi, cta_hi)
       q_smem[...] = (acc * cfg.sm_scale).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, n])
@@ -458,26 +465,9 @@ def _dq(q4, k4, v4, do4, lse_t, delta, cfg: C.KernelConfig, tl: dict):
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
-      if not interpret:
-        plgpu.set_max_registers(_SCHED_REGS[1], action="decrease")
-      kh = lax.div(n, jnp.int32(G))
-
-      def load(i, slot):
-        sl = (b, pl.ds(i * bk, bk), kh)
-        plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_full.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_full.at[slot])
-
-      for i in range(stages):
-        pl.when(i < steps)(functools.partial(load, cta_lo + i, i))
-
-      @pl.loop(0, jnp.maximum(steps - stages, 0))
-      def _(j):
-        slot = lax.rem(j, stages)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        load(cta_lo + j + stages, slot)
-
-      _drain((k_free, v_free), steps, stages)
+      load = _kv_loader(k_ref, v_ref, k_smem, v_smem, k_full, v_full, b,
+                        lax.div(n, jnp.int32(G)), bk, cta_lo)
+      _run_producer(load, steps, stages, (k_free, v_free), interpret)
 
   scratch = (
       _smem((COMPUTE_WGS, bq, H), dtype), _smem((COMPUTE_WGS, bq, H), dtype),
@@ -558,14 +548,8 @@ def _dkv(q4, k4, v4, do4, lse_t, delta, cfg: C.KernelConfig, tl: dict):
         return dk, dv
 
       carry = (dk, dv)
-      for g in range(G):
-        run = lambda a, z, mode, carry, g=g: lax.fori_loop(
-            a, z, functools.partial(step, g=g, mode=mode), carry)
-        carry = run(cta_lo, lo, "skip", carry)
-        carry = run(lo, flo, "masked", carry)
-        carry = run(flo, fhi, "full", carry)
-        carry = run(fhi, hi, "masked", carry)
-        carry = run(hi, cta_hi, "skip", carry)
+      for g in range(G):  # every query head of the GQA group, same positions
+        carry = _visit(functools.partial(step, g=g), carry, cta_lo, lo, flo, fhi, hi, cta_hi)
       dk, dv = carry
       k_smem[...] = (dk * cfg.sm_scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
@@ -576,10 +560,6 @@ def _dkv(q4, k4, v4, do4, lse_t, delta, cfg: C.KernelConfig, tl: dict):
 
     @pl.when(wg == COMPUTE_WGS)
     def _producer():
-      if not interpret:
-        plgpu.set_max_registers(_SCHED_REGS[1], action="decrease")
-      total = G * per_head
-
       def load(step, slot):
         g = lax.div(step, jnp.maximum(per_head, 1))
         i = cta_lo + step - g * per_head
@@ -591,16 +571,7 @@ def _dkv(q4, k4, v4, do4, lse_t, delta, cfg: C.KernelConfig, tl: dict):
         plgpu.copy_gmem_to_smem(delta_ref.at[b, n, rows], delta_smem.at[slot],
                                 delta_full.at[slot])
 
-      for i in range(stages):
-        pl.when(i < total)(functools.partial(load, jnp.int32(i), i))
-
-      @pl.loop(0, jnp.maximum(total - stages, 0))
-      def _(j):
-        slot = lax.rem(j, stages)
-        plgpu.barrier_wait(free.at[slot])
-        load(j + stages, slot)
-
-      _drain((free,), total, stages)
+      _run_producer(load, G * per_head, stages, (free,), interpret)
 
   scratch = (
       _smem((COMPUTE_WGS, bk, H), dtype), _smem((COMPUTE_WGS, bk, H), dtype),
