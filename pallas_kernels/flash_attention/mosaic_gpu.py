@@ -88,10 +88,6 @@ def _interpret_params(interpret: bool):
   cls = getattr(plgpu, "InterpretGPUParams", None)
   if cls is None:  # jax 0.10 keeps it private
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  if os.environ.get("EFFJAX_MGPU_LOG"):
-    from jax._src.pallas.mosaic.interpret.params import LoggingMode  # pylint: disable=g-import-not-at-top
-    return cls(logging_mode=LoggingMode.BARRIER)
   return cls()
 
 
@@ -109,8 +105,7 @@ def _val(x):
   return x[...] if is_ref else x
 
 
-def _mm(a, b_ref, shape, interpret: bool, *, transpose_b: bool = False, transpose_a=False,
-        while_running=None):
+def _mm(a, b_ref, shape, interpret: bool, *, transpose_b: bool = False, while_running=None):
   """A fresh float32 wgmma accumulator `a @ b` (`a`: registers or smem, `b`: smem).
 
   `while_running()` is called after the wgmma is issued and before its result is read (the
@@ -120,12 +115,10 @@ def _mm(a, b_ref, shape, interpret: bool, *, transpose_b: bool = False, transpos
   """
   if interpret:
     av, bv = _val(a).astype(jnp.float32), b_ref[...].astype(jnp.float32)
-    av = av.T if transpose_a else av
     out = jnp.dot(av, bv.T if transpose_b else bv, preferred_element_type=jnp.float32)
     if while_running is not None:
       while_running()
     return out
-  a = _t(a) if transpose_a else a
   b = _t(b_ref) if transpose_b else b_ref
 
   def body(acc_ref):
@@ -136,11 +129,10 @@ def _mm(a, b_ref, shape, interpret: bool, *, transpose_b: bool = False, transpos
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def _mm_acc(acc, a, b_ref, interpret: bool, *, transpose_a=False):
+def _mm_acc(acc, a, b_ref, interpret: bool):
   """`acc + a @ b` with the wgmma accumulating into the register accumulator `acc` itself."""
   if interpret:
-    return acc + _mm(a, b_ref, acc.shape, interpret, transpose_a=transpose_a)
-  a = _t(a) if transpose_a else a
+    return acc + _mm(a, b_ref, acc.shape, interpret)
 
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a, b_ref)
@@ -230,6 +222,20 @@ def _kv_loader(k_ref, v_ref, k_smem, v_smem, k_full, v_full, b, kh, bk: int, fir
 
 def _row(x, shape):
   return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _scratch_call(kernel, out_type, grid, grid_names, scratch, interpret, *args):
+  """Runs `kernel(*inputs, *outputs, *scratch)` as a Mosaic GPU kernel of COMPUTE_WGS + 1
+  warpgroups ("wg") over `grid`, the scratch (shared memory, barriers) shared by them."""
+  def entry(*refs):
+    n_in, n_out = len(args), len(out_type)
+    pl.run_scoped(lambda *a: kernel(*refs[:n_in], *refs[n_in:n_in + n_out], *a), *scratch,
+                  collective_axes="wg")
+  return plgpu.kernel(
+      entry, out_type=out_type, grid=grid, grid_names=grid_names,
+      num_threads=COMPUTE_WGS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret))(*args)
 
 
 # --------------------------------------------------------------------------------------- forward
@@ -331,33 +337,19 @@ def forward(q4, k4, v4, cfg: C.KernelConfig, tl: dict):
                         lax.div(n, jnp.int32(G)), bk, cta_lo)
       _run_producer(load, steps, stages, (k_free, v_free), interpret)
 
-  def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-    pl.run_scoped(
-        lambda *a: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *a),
-        _smem((COMPUTE_WGS, bq, H), dtype),
-        _smem((stages, bk, H), dtype),
-        _smem((stages, bk, H), dtype),
-        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=COMPUTE_WGS),
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
-        collective_axes="wg",
-    )
-
-  o4, lse = plgpu.kernel(
-      entry,
-      out_type=(jax.ShapeDtypeStruct(q4.shape, dtype),
-                jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
-      grid=(N, Tp // cta_q, B),
-      grid_names=("heads", "q_seq", "batch"),
-      num_threads=COMPUTE_WGS + 1,
-      thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params(interpret),
-  )(q4, k4, v4)
+  scratch = (
+      _smem((COMPUTE_WGS, bq, H), dtype), _smem((stages, bk, H), dtype),
+      _smem((stages, bk, H), dtype), plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+      plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=COMPUTE_WGS),
+      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+  )
+  o4, lse = _scratch_call(kernel, (jax.ShapeDtypeStruct(q4.shape, dtype),
+                                   jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
+                          (N, Tp // cta_q, B), ("heads", "q_seq", "batch"), scratch, interpret,
+                          q4, k4, v4)
   return o4, lse.transpose(0, 2, 1)
 
 
@@ -379,19 +371,6 @@ def backward(q4, k4, v4, o4, lse, do4, cfg: C.KernelConfig, tl: dict):
   dq4 = _dq(q4, k4, v4, do4, lse_t, delta, cfg, tl)
   dk4, dv4 = _dkv(q4, k4, v4, do4, lse_t, delta, cfg, tl)
   return dq4, dk4, dv4
-
-
-def _scratch_call(kernel, out_type, grid, grid_names, scratch, interpret, *args):
-  def entry(*refs):
-    n_in = len(args)
-    n_out = len(out_type)
-    pl.run_scoped(lambda *a: kernel(*refs[:n_in], *refs[n_in:n_in + n_out], *a), *scratch,
-                  collective_axes="wg")
-  return plgpu.kernel(
-      entry, out_type=out_type, grid=grid, grid_names=grid_names,
-      num_threads=COMPUTE_WGS + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params(interpret))(*args)
 
 
 def _dq(q4, k4, v4, do4, lse_t, delta, cfg: C.KernelConfig, tl: dict):
