@@ -18,8 +18,9 @@ from tests.pallas_kernels.test_flash_attention import BOUNDS, ON_GPU, _check, _r
 
 HOPPER = ON_GPU and str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
 
+# One interpreted case (~35 s on a CI core): GQA, T > S, causal + window, fully-masked rows,
+# key/query padding and a padded head_dim; the GPU runs GPU_CASES compiled.
 CPU_CASES = [
-    pytest.param(1, 70, 70, 2, 1, 64, dict(dtype=jnp.bfloat16), id="len70-gqa2"),
     pytest.param(1, 100, 60, 4, 2, 48, dict(dtype=jnp.float16, causal=True, window=(None, 5)),
                  id="T>S-causal-window-fully-masked-rows-h48"),
 ]
