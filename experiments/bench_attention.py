@@ -171,7 +171,8 @@ def run_shape(B, H, K, S, D, causal, impls, rows, blocks=None, label=None, inter
               for q, *rest in base]
       modes = ("fwd",) if causal else ("fwd", "fwd+bwd")
     elif impl not in PEERS + ("mosaic_gpu",):
-      raise ValueError(f"--impls: unknown {impl!r}; known: {sorted(VARIANTS) + list(PEERS) + ['mosaic_gpu']}")
+      known = sorted(VARIANTS) + list(PEERS) + ["mosaic_gpu"]
+      raise ValueError(f"--impls: unknown {impl!r}; known: {known}")
     fwd, fb = attention_fns(impl, causal, scale, blk, interpret=interpret)
     for mode, fn, args in (("fwd", fwd, [s[:3] for s in sets]), ("fwd+bwd", fb, sets)):
       if mode not in modes:

@@ -4,7 +4,8 @@
 arXiv 2307.08691) through our Pallas kernels
 (`pallas_kernels.flash_attention`, forward + backward; on NVIDIA GPUs the Mosaic GPU lowering
 (Hopper, FlashAttention-3 warp specialisation) where the call is within its features, else the
-Triton lowering; Mosaic on TPU), and cuDNN's fused attention through `jax.nn.dot_product_attention(implementation="cudnn")`.
+Triton lowering; Mosaic on TPU), and cuDNN's fused attention through
+`jax.nn.dot_product_attention(implementation="cudnn")`.
 
 `auto_impl` encodes the H200 measurements in `results/attention.md`
 (`experiments/bench_attention.py`): see its docstring for the rule.
@@ -80,8 +81,9 @@ def attend_cudnn(q, k, v, *, causal=False, segment_ids=None, window=None, softca
 
 
 # Longest key length at which "auto" prefers our Mosaic GPU kernels over cuDNN on Hopper (H200,
-# B=4, 16/4 heads, D=64/128, results/attention.md): at S = 1k ours is 1.11-1.76x cuDNN forward and
-# 1.13-1.21x forward+backward; from 4k on cuDNN is ahead by up to 8% forward / 19% fwd+bwd.
+# B=4, 16/4 heads, D=64/128, results/attention_mosaic_gpu.md): at S = 1k ours is 0.99-1.76x cuDNN
+# forward and 1.13-1.21x forward+backward; from 4k on cuDNN is ahead by up to 8% forward / 19%
+# fwd+bwd.
 MOSAIC_OVER_CUDNN_MAX_KV = 2048
 
 

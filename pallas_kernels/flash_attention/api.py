@@ -297,8 +297,10 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, window=N
   q_seg, kv_seg = split_segment_ids(segment_ids, T, S)
   scale = float(H ** -0.5 if sm_scale is None else sm_scale)
   tuned_h = C.next_pow2(max(H, 16)) if backend == "triton" else H  # Triton pads head_dim
-  blk = block_sizes or (DEFAULT_BLOCKS["triton"] if backend == "mosaic_gpu" else
-                        lookup_block_sizes(backend, tuned_h, q.dtype, max(T, S), causal))
+  if backend == "mosaic_gpu":  # fixed tiles (mosaic_gpu.tiles); no tuned table to look up
+    blk = BlockSizes()
+  else:
+    blk = block_sizes or lookup_block_sizes(backend, tuned_h, q.dtype, max(T, S), causal)
 
   cfg = C.KernelConfig(
       q_len=T, kv_len=S, num_heads=N, num_kv_heads=K, head_dim=H, sm_scale=scale,

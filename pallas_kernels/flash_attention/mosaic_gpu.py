@@ -21,10 +21,10 @@ Logit softcap and segment ids are not supported by this lowering (`unsupported` 
 
 Choices: tiles are 64 query rows per consumer warpgroup (128 per CTA) and 128 keys (64 for
 head_dim 256) in the forward, 64 x 64 in the backward; two-slot rings (one slot in the backward
-at head_dim 256, for shared memory). Inputs are bf16/fp16 with head_dim a multiple of 64 (the API pads
-other head dims with zeros). Interpret mode (CPU tests) runs the same kernels under Pallas's Mosaic
-GPU interpreter; the interpreter of jax 0.10 has no `run_state`, so there the wgmma that
-accumulates into a live register accumulator is written as `acc + (A @ B)` (same sum). On CPU under
+at head_dim 256, for shared memory). Inputs are bf16/fp16 with head_dim a multiple of 64 (the API
+pads other head dims with zeros). Interpret mode (CPU tests) runs the same kernels under Pallas's
+Mosaic GPU interpreter, except that each wgmma is a jnp matmul of the loaded operands (`_mm`: jax
+0.10's interpreter handles neither transposed wgmma operands nor `run_state`). On CPU under
 `jax.jit`, that interpreter (jax 0.10.2) hangs in the backward kernels (the forward runs), so the
 CPU tests call them eagerly.
 """
@@ -109,9 +109,10 @@ def _mm(a, b_ref, shape, interpret: bool, *, transpose_b: bool = False, while_ru
   """A fresh float32 wgmma accumulator `a @ b` (`a`: registers or smem, `b`: smem).
 
   `while_running()` is called after the wgmma is issued and before its result is read (the
-  FA3 pingpong barrier goes there). In interpret mode the product is a jnp matmul of the loaded operands (jax 0.10's GPU
-  interpreter handles neither transposed wgmma operands nor `run_state`); everything around it
-  (TMA copies, barriers, masks, softmax) is interpreted as compiled.
+  FA3 pingpong barrier goes there). In interpret mode the product is a jnp matmul of the loaded
+  operands (jax 0.10's GPU interpreter handles neither transposed wgmma operands nor
+  `run_state`); everything around it (TMA copies, barriers, masks, softmax) is interpreted as
+  compiled.
   """
   if interpret:
     av, bv = _val(a).astype(jnp.float32), b_ref[...].astype(jnp.float32)
