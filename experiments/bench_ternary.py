@@ -4,8 +4,9 @@ BitNet b1.58 (arXiv 2402.17764) inference from 2-bit packed weights. For K x N i
 {8192x8192, 4096x14336, 4096x4096} and M in {1, 8, 64, 4096}, timed in the same run:
   * XLA bf16: x_bf16[M, K] @ w_bf16[K, N] -> bf16 (XLA's / cuBLAS's choice of kernel).
   * ternary: `ternary_matmul` from int32 words (`as_words`), int8 x + per-token scale given, bf16
-    output, for the automatic config and a small sweep of configs (<= 10 per shape at M = 1 on
-    the --sweep_shapes: split-K with the XLA reduction vs the fused epilogue (in-kernel scale +
+    output, for the automatic config and a small sweep of configs (at M = 1 on Hopper: the Mosaic
+    GPU kernel `impl="mgpu"` (auto there) and its tilings, then the Triton dp4a kernel; on the
+    --sweep_shapes: split-K with the XLA reduction vs the fused epilogue (in-kernel scale +
     float32 atomics, or plain stores at split_k = 1), tile shapes, num_warps / num_stages; at
     M = 4096 the unpack layouts of the xla_int8 path); every config is first checked against the
     unpacked reference (relative error < 1e-2).
@@ -119,8 +120,17 @@ def n_sets(nbytes: int, m: int) -> int:
 def configs(m: int, k4: int, n4: int, sweep: bool):
   """[(impl, kwargs)]: the automatic path first, then the fused-epilogue variant of it, then (if
   sweep) the rest of <= 10 (M = 1) / 4 (M > DOT_MAX_M) variants; M = 8, 64 get only the two."""
-  auto = tm.auto_impl(m, k4)
+  mgpu = (m == 1 and not FLAGS.tiny and tm.ternary_mgpu.is_hopper()
+          and tm.ternary_mgpu.supported(k4, n4) is None)
+  auto = tm.auto_impl(m, k4, mgpu=mgpu)
   out = [(auto, {})]
+  if auto == "mgpu":  # its tilings, then the Triton dp4a kernel (auto's choice without Mosaic)
+    out += [("mgpu", dict(block_w=32, block_k=32)), ("mgpu", dict(num_stages=3))]
+    if sweep:
+      out += [("mgpu", dict(block_w=32)), ("mgpu", dict(num_stages=6)),
+              ("mgpu", dict(block_k=32, num_stages=8)), ("mgpu", dict(block_w=8))]
+    auto = "dp4a"
+    out.append((auto, {}))
   if auto in ("gemv", "dot", "dp4a"):
     out.append((auto, dict(reduce="fused")))
   if auto == "dp4a":  # the SWAR gemv it replaced, for the comparison at the same M
@@ -164,6 +174,9 @@ def resolved(impl, kw, m, k4, n4):
   if impl == "dp4a":
     return {**tm.dp4a_config(m, k4, n4, kw.get("block_t"), kw.get("block_w"), kw.get("block_k"),
                              kw.get("split_k")), **extra}
+  if impl == "mgpu":
+    return {**tm.ternary_mgpu.mgpu_config(k4, n4, kw.get("block_w"), kw.get("block_k"),
+                                          kw.get("num_stages"))}
   if impl == "dot":
     return {**tm.dot_config(m, k4, n4, kw.get("block_m"), kw.get("block_w"), kw.get("block_k"),
                             kw.get("split_k")), **extra}
@@ -172,7 +185,7 @@ def resolved(impl, kw, m, k4, n4):
 
 def fmt_cfg(impl, cfg):
   short = dict(block_t="t", block_m="m", block_w="w", block_k="k", split_k="s", num_warps="nw",
-               num_stages="ns", xla_layout="", xla_barrier="barrier=", prefetch="prefetch=")
+               num_stages="ns", block_g="g", stages="st", xla_layout="", xla_barrier="barrier=", prefetch="prefetch=")
   parts = []
   for k, v in cfg.items():
     if k == "reduce":

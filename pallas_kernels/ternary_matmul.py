@@ -29,6 +29,12 @@ Many programs (the automatic configs aim at >= `TARGET_PROGRAMS` ~ 4 per SM of a
 enough loads in flight to stream the weights at HBM bandwidth, which a decode-shaped product
 (M = 1) needs: its arithmetic per byte is tiny.
 
+* `mgpu` (M = 1 under "auto" on a Hopper GPU, compiled): the Mosaic GPU kernel of
+  `pallas_kernels.ternary_mgpu`: one kernel per call, no split-K, the words streamed by TMA
+  through a shared-memory ring (more bytes in flight than the Triton loads keep), and DP4A on
+  in-place-masked code fields (8 PRMT + 16 AND + 16 DP4A per 4 words). H200, 2026-11-23: 8.7-9.0 us
+  for 8192x8192 and 4096x14336 against 10.1-10.6 us (best dp4a configs) and 10.6-12.4 us (auto
+  dp4a) in the same runs (RESULTS.md).
 * `dp4a` (M <= DP4A_MAX_M under "auto", K4 % 4 == 0): the int8 dot-product instruction on CUDA
   cores. The words are viewed as [K4/4, 4, N4]; a 4x4 byte transpose (8 PRMT) of the 4 words of one
   column in packed rows 4r..4r+3 gives, per plane i, a word whose byte b holds packed row 4r+b, and
@@ -80,12 +86,13 @@ from jax.experimental.pallas import triton as plgpu
 from effjax.layers.bitlinear import int8_act_codes
 from effjax.quant.ternary import PackedTernary, unpack_2bit, words_2bit
 from pallas_kernels import ptx
+from pallas_kernels import ternary_mgpu
 
 __all__ = ["ternary_matmul_reference", "ternary_matmul", "ternary_linear", "gemv_config",
            "dot_config", "dp4a_config", "auto_impl", "DP4A_MAX_M", "GEMV_MAX_M", "DOT_MAX_M", "IMPLS", "REDUCES", "XLA_LAYOUTS",
            "DEFAULT_REDUCE", "TARGET_PROGRAMS"]
 
-IMPLS = ("auto", "dp4a", "gemv", "dot", "xla_int8", "xla_bf16", "reference")
+IMPLS = ("auto", "mgpu", "dp4a", "gemv", "dot", "xla_int8", "xla_bf16", "reference")
 REDUCES = ("xla", "fused")
 XLA_LAYOUTS = ("nk", "nk_direct", "kn")
 DEFAULT_REDUCE = "xla"  # the measured default; "fused" is swept by experiments/bench_ternary.py
@@ -541,10 +548,14 @@ def _codes_for_xla(p: PackedTernary, dt, layout: str, barrier: bool) -> jax.Arra
 # ----------------------------------------------------------------------------- public wrapper
 
 
-def auto_impl(m: int, k4: int = 0) -> str:
-  """The impl "auto" uses for M tokens and K4 packed rows: dp4a for M <= DP4A_MAX_M when
-  K4 % 4 == 0 (always with the default export alignment), else gemv for M <= GEMV_MAX_M; dot up to
-  DOT_MAX_M; above, unpack + XLA int8 matmul."""
+def auto_impl(m: int, k4: int = 0, mgpu: bool = False) -> str:
+  """The impl "auto" uses for M tokens and K4 packed rows: mgpu (the Mosaic GPU kernel of
+  `pallas_kernels.ternary_mgpu`) for M = 1 when `mgpu` (a compiled run on a Hopper GPU with words
+  that suit it); dp4a for M <= DP4A_MAX_M when K4 % 4 == 0 (always with the default export
+  alignment), else gemv for M <= GEMV_MAX_M; dot up to DOT_MAX_M; above, unpack + XLA int8
+  matmul."""
+  if m == 1 and mgpu:
+    return "mgpu"
   if m <= DP4A_MAX_M and k4 % 4 == 0:
     return "dp4a"
   return "gemv" if m <= GEMV_MAX_M else ("dot" if m <= DOT_MAX_M else "xla_int8")
@@ -564,15 +575,19 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
     scale_x_M: float32 per-token scales [M] (x = x_MK * scale_x).
     p: `PackedTernary` from `effjax.quant.ternary.export_ternary`; pass it through
       `effjax.quant.ternary.as_words` once (a uint8 `packed` is converted on every call).
-    impl: one of IMPLS; "auto" = `auto_impl(M, K4)`: dp4a for M <= DP4A_MAX_M (K4 % 4 == 0),
-      else gemv for M <= GEMV_MAX_M; dot for M <= DOT_MAX_M, else xla_int8 (unpack to int8 +
-      XLA int8 matmul).
+    impl: one of IMPLS; "auto" = `auto_impl(M, K4, mgpu)`: mgpu for M = 1 when compiled on a
+      Hopper GPU and `ternary_mgpu.supported(K4, N4)`; else dp4a for M <= DP4A_MAX_M (K4 % 4 ==
+      0), else gemv for M <= GEMV_MAX_M; dot for M <= DOT_MAX_M, else xla_int8 (unpack to int8 +
+      XLA int8 matmul). impl="mgpu" takes only M = 1 (an error otherwise) and runs emulated in
+      interpret mode.
     interpret: run Pallas kernels in the interpreter; default True off-GPU, False on GPU.
     block_t (gemv/dp4a tokens per program), block_m (dot rows per program), block_w (words per
       column tile), block_k (packed rows per step; dp4a: groups of 4 packed rows), split_k (K
       splits, must divide K/4; dp4a: K/16): None = the automatic choice of `gemv_config` /
       `dp4a_config` / `dot_config`; block sizes are rounded down to powers of two dividing the
-      packed dims.
+      packed dims. mgpu: block_w (words per CTA column tile), block_k (groups of 4 packed rows
+      per pipeline step) and num_stages (tiles in flight), see `ternary_mgpu.mgpu_config`;
+      the other tiling arguments do not apply to it.
     num_warps, num_stages: Triton launch parameters; num_stages None = 1 for gemv and dp4a (with the
       automatic split-K a program makes few K steps: its loads in flight come from many programs,
       not from pipelining; pass 2-3 with split_k = 1) and 3 for dot (Triton pipelines the weight
@@ -604,7 +619,10 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
     interpret = jax.default_backend() != "gpu"
   n = p.shape[1]
   if impl == "auto":
-    impl = auto_impl(m, p.packed.shape[0])  # packed rows K4 (uint8 bytes or int32 words)
+    k4_, n4_ = p.packed.shape[0], p.packed.shape[1] // (4 if p.packed.dtype != jnp.int32 else 1)
+    mgpu = (m == 1 and not interpret and ternary_mgpu.is_hopper()
+            and ternary_mgpu.supported(k4_, n4_) is None)
+    impl = auto_impl(m, k4_, mgpu=mgpu)  # packed rows K4 (uint8 bytes or int32 words)
   if impl == "reference":
     return ternary_matmul_reference(x_MK, scale_x_M, p, out_dtype)
   if impl in ("xla_int8", "xla_bf16"):
@@ -621,6 +639,13 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
   words = p.packed if p.packed.dtype == jnp.int32 else words_2bit(p.packed)
   k4, n4 = words.shape
   x_MKp = x_MK if 4 * k4 == k else jnp.pad(x_MK, ((0, 0), (0, 4 * k4 - k)))
+  if impl == "mgpu":
+    if m != 1:
+      raise ValueError(f"impl='mgpu' computes one token (M = 1), got M={m}; use impl='auto'")
+    y = ternary_mgpu.ternary_gemv_mgpu(
+        x_MKp[0], scale_x_M[0], p.scale, words, out_dtype=out_dtype, block_w=block_w,
+        block_g=block_k, stages=num_stages, interpret=interpret)[None]
+    return y if 4 * n4 == n else y[:, :n]
   if impl == "gemv":
     cfg = gemv_config(m, k4, n4, block_t, block_w, block_k, split_k)
     num_stages = 1 if num_stages is None else num_stages
