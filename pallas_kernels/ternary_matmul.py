@@ -605,7 +605,7 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if xla_layout not in XLA_LAYOUTS:
     raise ValueError(f"xla_layout must be one of {XLA_LAYOUTS}, got {xla_layout!r}")
-  reduce = DEFAULT_REDUCE if reduce is None else reduce
+  reduce_arg, reduce = reduce, DEFAULT_REDUCE if reduce is None else reduce
   if reduce not in REDUCES:
     raise ValueError(f"reduce must be one of {REDUCES} or None, got {reduce!r}")
   if x_MK.ndim != 2 or x_MK.dtype != jnp.int8:
@@ -642,6 +642,10 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
   if impl == "mgpu":
     if m != 1:
       raise ValueError(f"impl='mgpu' computes one token (M = 1), got M={m}; use impl='auto'")
+    extra = dict(block_m=block_m, block_t=block_t, split_k=split_k, reduce=reduce_arg)
+    given = [k_ for k_, v in extra.items() if v is not None]
+    if given:
+      raise ValueError(f"impl='mgpu' takes block_w, block_k and num_stages only; got {given}")
     y = ternary_mgpu.ternary_gemv_mgpu(
         x_MKp[0], scale_x_M[0], p.scale, words, out_dtype=out_dtype, block_w=block_w,
         block_g=block_k, stages=num_stages, interpret=interpret)[None]

@@ -75,6 +75,8 @@ def test_config_and_errors():
   p = ternary.as_words(ternary.export_ternary(jnp.ones((64, 64))))
   with pytest.raises(ValueError, match="M=2"):
     tm.ternary_matmul(jnp.ones((2, 64), jnp.int8), jnp.ones((2,)), p, impl="mgpu")
+  with pytest.raises(ValueError, match="split_k"):
+    tm.ternary_matmul(jnp.ones((1, 64), jnp.int8), jnp.ones((1,)), p, impl="mgpu", split_k=2)
   with pytest.raises(ValueError, match="int8"):
     tmg.ternary_gemv_mgpu(jnp.ones((128,), jnp.int32), 1.0, 1.0, p.packed)
   assert tm.auto_impl(1, 64, mgpu=True) == "mgpu"
