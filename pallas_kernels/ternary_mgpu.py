@@ -57,7 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import ptx
-from pallas_kernels.flash_attention.mosaic_gpu import is_hopper
+from pallas_kernels.flash_attention.mosaic_gpu import _interpret_params, is_hopper
 
 __all__ = ["mgpu_config", "ternary_gemv_mgpu", "supported", "is_hopper"]
 
@@ -122,6 +122,28 @@ def _thread_map(bw: int, g: int):
   return ct, rt, -(-g // rt)
 
 
+def _accumulate(regs, slots, xw, ones, prmt, mask, dp4a):
+  """One group's arithmetic for one thread, shared by the GPU code and its jnp model.
+
+  regs: the N_ACC accumulators (updated in place); slots[s][cc]: word cc of the thread's 4 columns
+  in packed row 4g + s; xw[j]: activation word X_j[g]; `ones` = 0x01010101; prmt(a, b, sel),
+  mask(a, m) = a & m and dp4a(a, b, c) = c + sum_bytes(unsigned a * signed b) in the caller's
+  terms (PTX on the GPU, jnp in interpret mode).
+  """
+  for j in range(4):
+    regs[N_ACC - 1] = dp4a(ones, xw[j], regs[N_ACC - 1])  # sum x
+  for cc in range(4):
+    a, b, c, d = (slots[s][cc] for s in range(4))
+    l0, h0 = prmt(a, b, _SEL_LO), prmt(a, b, _SEL_HI)
+    l1, h1 = prmt(c, d, _SEL_LO), prmt(c, d, _SEL_HI)
+    planes = (prmt(l0, l1, _SEL_LO2), prmt(l0, l1, _SEL_HI2),   # byte b of planes[i]: byte i
+              prmt(h0, h1, _SEL_LO2), prmt(h0, h1, _SEL_HI2))   # of the word of packed row 4g+b
+    for i in range(4):
+      for j in range(4):
+        r = (i * 4 + j) * 4 + cc
+        regs[r] = dp4a(mask(planes[i], _s32(_MASK << (2 * j))), xw[j], regs[r])
+
+
 def _emulated_step(w_tile, x_tile, acc, bw: int, g: int):
   """jnp model of `_step_inline` for interpret mode: acc [N_ACC, 128] int32 (register r, thread
   t), w_tile [g, 4, bw] words, x_tile [4, g] activation words (X_j of the tile's groups).
@@ -148,18 +170,9 @@ def _emulated_step(w_tile, x_tile, acc, bw: int, g: int):
     w = w.reshape(rt, 4, ct, 4).transpose(1, 3, 0, 2).reshape(4, 4, _WG)   # [b, cc, t]
     xw = jnp.where(valid[None], x_tile[:, rows], 0)       # [4, rt]
     xw = jnp.broadcast_to(xw[:, :, None], (4, rt, ct)).reshape(4, _WG)     # [j, t]
-    for j in range(4):
-      accs[N_ACC - 1] = accs[N_ACC - 1] + dp4a_us(jnp.full((_WG,), _ONES, jnp.int32), xw[j])
-    for cc in range(4):
-      a, b, c, d = (w[s, cc] for s in range(4))
-      l0, h0 = prmt(a, b, _SEL_LO), prmt(a, b, _SEL_HI)
-      l1, h1 = prmt(c, d, _SEL_LO), prmt(c, d, _SEL_HI)
-      planes = (prmt(l0, l1, _SEL_LO2), prmt(l0, l1, _SEL_HI2),
-                prmt(h0, h1, _SEL_LO2), prmt(h0, h1, _SEL_HI2))
-      for i in range(4):
-        for j in range(4):
-          r = (i * 4 + j) * 4 + cc
-          accs[r] = accs[r] + dp4a_us(planes[i] & _s32(_MASK << (2 * j)), xw[j])
+    _accumulate(accs, [[w[s, cc] for cc in range(4)] for s in range(4)], xw,
+                jnp.full((_WG,), _ONES, jnp.int32), prmt, lambda a, m: a & m,
+                lambda a, b, c: c + dp4a_us(a, b))
   return jnp.stack(accs)
 
 
@@ -236,19 +249,8 @@ def _step_inline(w_tile, x_tile, acc, bw: int, g: int):
       xw = [memref.load(x_ref, [ci(j), row]) for j in range(4)]
       if valid is not None:
         xw = [arith.select(valid, v, c32(0)) for v in xw]
-      for j in range(4):
-        regs[N_ACC - 1] = dp4a(ones, xw[j], regs[N_ACC - 1])
-      for cc in range(4):
-        a, b, c, d = (ext(s, cc) for s in slots)
-        l0, h0 = prmt(a, b, _SEL_LO), prmt(a, b, _SEL_HI)
-        l1, h1 = prmt(c, d, _SEL_LO), prmt(c, d, _SEL_HI)
-        planes = (prmt(l0, l1, _SEL_LO2), prmt(l0, l1, _SEL_HI2),
-                  prmt(h0, h1, _SEL_LO2), prmt(h0, h1, _SEL_HI2))
-        for i in range(4):
-          for j in range(4):
-            r = (i * 4 + j) * 4 + cc
-            m = arith.andi(planes[i], c32(_s32(_MASK << (2 * j))))
-            regs[r] = dp4a(m, xw[j], regs[r])
+      _accumulate(regs, [[ext(v, cc) for cc in range(4)] for v in slots], xw, ones, prmt,
+                  lambda a, m: arith.andi(a, c32(m)), dp4a)
     v1 = ir.VectorType.get((1,), i32)
     out = [vector.broadcast(v1, r) for r in regs]
     import numpy as np  # pylint: disable=g-import-not-at-top
@@ -316,15 +318,6 @@ def _finish_inline(acc, red_ref, sw_ref, sx_ref, o_ref, bw: int):
 
 
 # ----------------------------------------------------------------------------- the kernel
-
-
-def _interpret_params(interpret: bool):
-  if not interpret:
-    return None
-  cls = getattr(plgpu, "InterpretGPUParams", None)
-  if cls is None:  # jax 0.10 keeps it private
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls  # pylint: disable=g-import-not-at-top
-  return cls()
 
 
 def ternary_gemv_mgpu(x_K: jax.Array, scale_x: jax.Array, scale_w: jax.Array,

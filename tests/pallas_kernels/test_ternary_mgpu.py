@@ -5,45 +5,24 @@ in jnp; on an H200 the compiled kernel runs the PTX. Integer accumulation is exa
 final float32 scale (and the output cast) round.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from effjax.quant import ternary
 from pallas_kernels import ternary_matmul as tm
 from pallas_kernels import ternary_mgpu as tmg
+from tests.pallas_kernels.test_ternary_matmul import _check, _rng
+from tests.pallas_kernels.test_ternary_matmul import _case as _case_m
 
 ON_HOPPER = tmg.is_hopper()
 
 
-def _rng():
-  seed = int.from_bytes(os.urandom(4), "little")
-  print(f"seed={seed}")
-  return np.random.default_rng(seed), seed
-
-
 def _case(rng, k, n, extreme=False):
-  """(x [1, K] int8, scale [1], words PackedTernary, float64 reference [1, N])."""
-  w = rng.standard_normal((k, n)).astype(np.float32)
-  if extreme:  # every weight +1 (code 2: the masked byte 2 * 4^3 = 128) and every x = -128
-    w = np.abs(w) + 1.0
-  p = ternary.as_words(ternary.export_ternary(jnp.asarray(w)))
-  x = (np.full((1, k), -128, np.int8) if extreme
-       else rng.integers(-128, 128, (1, k)).astype(np.int8))
-  s = (rng.random(1) + 0.5).astype(np.float32)
-  codes = np.asarray(ternary.unpack_2bit(p.packed, p.shape)).astype(np.float64)
-  ref = (x.astype(np.float64) @ codes) * float(p.scale) * s.astype(np.float64)[:, None]
-  return jnp.asarray(x), jnp.asarray(s), p, ref
-
-
-def _check(y, ref, seed, tol):
-  y = np.asarray(y, np.float64)
-  assert y.shape == ref.shape, (y.shape, ref.shape)
-  err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
-  assert err < tol, f"relative error {err} (seed {seed})"
+  """(x [1, K] int8, scale [1], int32-word PackedTernary, float64 reference [1, N]); extreme:
+  every weight +1 (code 2: the masked byte 2 * 4^3 = 128) and every x = -128."""
+  x, s, p, ref = _case_m(rng, 1, k, n, extreme=extreme)
+  return x, s, ternary.as_words(p), ref
 
 
 def test_interpret_odd_sizes_and_extremes():
