@@ -29,23 +29,24 @@ The 16 column partial sums of each thread are reduced over the RT row threads in
 scaled by scale_w * scale_x in float32 and stored in the output dtype.
 
 Measured (H200, jax 0.11.2, experiments/bench_ternary.py, M = 1, bf16 output, same-run peers;
-RESULTS.md): 8.7-9.0 us per call for 8192x8192 and 4096x14336 (46% / 40-42% of the copy bandwidth
-gross, 59% / 53% net of the benchmark chain's own cost) against 10.1-10.6 us for the best Triton
-dp4a configs and 34-36 / 31-33 us for XLA's bf16 GEMV. A TMA kernel of the same shape that only
-XORs the words (no arithmetic) took 7.9 / 8.7 us, so the arithmetic costs ~1 us over the bare
-stream. Variants measured in the same runs and dropped (none faster; the run-to-run spread of
-one config is +-0.5 us): slot loads rotated per row thread against the 2-way shared-memory bank
-conflicts of 64-byte rows (+0.9 us at 8192^2, -0.1 us at 4096x14336), programmatic dependent
-launch with the first tiles issued before griddepcontrol.wait (+0.3 / +0.6 us), two compute
-warpgroups per CTA each streaming half of K (+0.15 / -0.07 us), and a column-tile-major weight
-layout that makes each CTA's stream contiguous (+0.1 to +0.85 us at 8192^2, +-0.05 us at
-4096x14336).
+RESULTS.md): 8.7-9.0 us per call for 8192x8192 and 4096x14336 (44-46% / 38-42% of the copy
+bandwidth gross, 57-59% / 49-54% net of the benchmark chain's own cost) against 10.1-12.3 us for
+the best Triton configs and 34-35 / 31-32 us for XLA's bf16 GEMV of the same runs. A TMA kernel of
+the same shape that only XORs the words (no arithmetic) took 7.9 / 8.7 us, so the arithmetic costs
+~1 us over the bare stream. Variants measured in the same runs and dropped (none faster; the
+run-to-run spread of one config is +-0.5 us): slot loads rotated per row thread against the 2-way
+shared-memory bank conflicts of 64-byte rows (+0.9 us at 8192^2, -0.1 us at 4096x14336),
+programmatic dependent launch with the first tiles issued before griddepcontrol.wait (+0.3 /
++0.6 us), two compute warpgroups per CTA each streaming half of K (+0.15 / -0.07 us), and a
+column-tile-major weight layout that makes each CTA's stream contiguous (+0.1 to +0.85 us at
+8192^2, +-0.05 us at 4096x14336).
 
-Interpret mode (CPU): the per-thread arithmetic (`_step`, `_finish`) is inline Mosaic GPU code
-(`plgpu.inline_mgpu`, PTX for PRMT and DP4A), which the Pallas interpreter cannot run; with
-interpret=True the same per-thread data flow is emulated with jnp on the shared-memory tiles
-(thread t as the minor axis of [*, 128] arrays), so CI checks the tiling, the pipeline and the
-layout arithmetic, and the GPU tests check the PTX.
+Interpret mode (CPU): the per-thread arithmetic (`_step_inline`, `_finish_inline`) is inline
+Mosaic GPU code (`plgpu.inline_mgpu`, PTX for PRMT and DP4A), which the Pallas interpreter cannot
+run; with interpret=True the same per-thread data flow is emulated with jnp on the shared-memory
+tiles (thread t as the minor axis of [*, 128] arrays; the per-group arithmetic is the one
+`_accumulate` routine in both), so CI checks the tiling, the pipeline and the layout arithmetic,
+and the GPU tests check the PTX.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -93,7 +95,7 @@ def mgpu_config(k4: int, n4: int, block_w: int | None = None, block_g: int | Non
     (64 B per packed row: 8192x8192 gives 128 CTAs for the H200's 132 SMs).
   block_g: groups of 4 packed rows per pipeline step (a TMA tile of [block_g, 4, block_w] words),
     a power of two dividing K4 / 4, at most 64 (TMA boxes are <= 256 per dim); automatic: the
-    largest, 64 (16 KB tiles at block_w 16).
+    largest such (64 once K >= 1024: 16 KB tiles at block_w 16).
   stages: tiles in flight (shared-memory ring); automatic 4.
   """
   why = supported(k4, n4)
@@ -177,7 +179,7 @@ def _emulated_step(w_tile, x_tile, acc, bw: int, g: int):
 
 
 def _emulated_output(acc, bw: int):
-  """jnp model of `_finish`'s reduction: [4 planes, bw] int32 sums (sum x subtracted)."""
+  """jnp model of `_finish_inline`'s reduction: [4 planes, bw] int32 sums (sum x subtracted)."""
   ct, rt, _ = _thread_map(bw, 1)
   a = acc[:N_ACC - 1].reshape(4, 4, 4, _WG)               # [i, j, cc, t]
   v = sum(lax.shift_right_arithmetic(a[:, j], jnp.int32(2 * j)) for j in range(4))
@@ -193,10 +195,11 @@ def _s32(v: int) -> int:
 
 def _mlir():
   """The MLIR builders (imported lazily: only the compiled GPU path needs them)."""
-  from jax._src.lib.mlir import ir  # pylint: disable=g-import-not-at-top
-  from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, vector  # pylint: disable=g-import-not-at-top
-  from jax.experimental.mosaic import gpu as mgpu  # pylint: disable=g-import-not-at-top
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, vector
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
   return ir, arith, gpu, llvm, memref, vector, mgpu, mgpu_utils
 
 
@@ -206,7 +209,8 @@ def _acc_layout():
 
 def _step_inline(w_tile, x_tile, acc, bw: int, g: int):
   """One pipeline step on the GPU: acc (WG_STRIDED [N_ACC, 128]: register r of thread t) plus
-  this thread's DP4A sums over the tile `w_tile` [g, 4, bw] with activation words `x_tile` [4, g]."""
+  this thread's DP4A sums over the tile `w_tile` [g, 4, bw] with activation words `x_tile`
+  [4, g]."""
   ct, rt, q = _thread_map(bw, g)
   ir, arith, gpu, llvm, memref, vector, mgpu, mgpu_utils = _mlir()
 
@@ -253,7 +257,6 @@ def _step_inline(w_tile, x_tile, acc, bw: int, g: int):
                   lambda a, m: arith.andi(a, c32(m)), dp4a)
     v1 = ir.VectorType.get((1,), i32)
     out = [vector.broadcast(v1, r) for r in regs]
-    import numpy as np  # pylint: disable=g-import-not-at-top
     return mgpu.FragmentedArray(_registers=np.array(out, dtype=object),
                                 _layout=acc_fa.layout, _is_signed=True)
 
@@ -287,14 +290,10 @@ def _finish_inline(acc, red_ref, sw_ref, sx_ref, o_ref, bw: int):
     for i in range(4):
       vals = []
       for cc in range(4):
-        s = xs
-        v = None
-        for j in range(4):
-          t = regs[(i * 4 + j) * 4 + cc]
-          if j:
-            t = arith.shrsi(t, arith.constant(i32, 2 * j))
-          v = t if v is None else arith.addi(v, t)
-        vals.append(arith.subi(v, s))
+        v = regs[i * 16 + cc]                                 # j = 0
+        for j in range(1, 4):
+          v = arith.addi(v, arith.shrsi(regs[(i * 4 + j) * 4 + cc], arith.constant(i32, 2 * j)))
+        vals.append(arith.subi(v, xs))
       vec = vector.from_elements(v4, vals)
       vector.store(vec, red, [rs, ci(i), col])
     mgpu_utils.warpgroup_barrier()
