@@ -120,9 +120,7 @@ def n_sets(nbytes: int, m: int) -> int:
 def configs(m: int, k4: int, n4: int, sweep: bool):
   """[(impl, kwargs)]: the automatic path first, then the fused-epilogue variant of it, then (if
   sweep) the rest of <= 10 (M = 1) / 4 (M > DOT_MAX_M) variants; M = 8, 64 get only the two."""
-  mgpu = (m == 1 and not FLAGS.tiny and tm.ternary_mgpu.is_hopper()
-          and tm.ternary_mgpu.supported(k4, n4) is None)
-  auto = tm.auto_impl(m, k4, mgpu=mgpu)
+  auto = tm.auto_impl(m, k4, mgpu=tm.ternary_mgpu.usable(m, k4, n4, interpret=FLAGS.tiny))
   out = [(auto, {})]
   if auto == "mgpu":  # its tilings, then the Triton dp4a kernel (auto's choice without Mosaic)
     out += [("mgpu", dict(block_w=32, block_k=32)), ("mgpu", dict(num_stages=3))]

@@ -576,9 +576,9 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
     p: `PackedTernary` from `effjax.quant.ternary.export_ternary`; pass it through
       `effjax.quant.ternary.as_words` once (a uint8 `packed` is converted on every call).
     impl: one of IMPLS; "auto" = `auto_impl(M, K4, mgpu)`: mgpu for M = 1 when compiled on a
-      Hopper GPU and `ternary_mgpu.supported(K4, N4)`; else dp4a for M <= DP4A_MAX_M (K4 % 4 ==
-      0), else gemv for M <= GEMV_MAX_M; dot for M <= DOT_MAX_M, else xla_int8 (unpack to int8 +
-      XLA int8 matmul). impl="mgpu" takes only M = 1 (an error otherwise) and runs emulated in
+      Hopper GPU and the words suit it (`ternary_mgpu.usable`); else dp4a for M <= DP4A_MAX_M
+      (K4 % 4 == 0), else gemv for M <= GEMV_MAX_M; dot for M <= DOT_MAX_M, else xla_int8
+      (unpack to int8 + XLA int8 matmul). impl="mgpu" takes only M = 1 (an error otherwise) and runs emulated in
       interpret mode.
     interpret: run Pallas kernels in the interpreter; default True off-GPU, False on GPU.
     block_t (gemv/dp4a tokens per program), block_m (dot rows per program), block_w (words per
@@ -620,9 +620,8 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
   n = p.shape[1]
   if impl == "auto":
     k4_, n4_ = p.packed.shape[0], p.packed.shape[1] // (4 if p.packed.dtype != jnp.int32 else 1)
-    mgpu = (m == 1 and not interpret and ternary_mgpu.is_hopper()
-            and ternary_mgpu.supported(k4_, n4_) is None)
-    impl = auto_impl(m, k4_, mgpu=mgpu)  # packed rows K4 (uint8 bytes or int32 words)
+    # packed rows K4 (uint8 bytes or int32 words)
+    impl = auto_impl(m, k4_, mgpu=ternary_mgpu.usable(m, k4_, n4_, interpret))
   if impl == "reference":
     return ternary_matmul_reference(x_MK, scale_x_M, p, out_dtype)
   if impl in ("xla_int8", "xla_bf16"):

@@ -61,7 +61,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import ptx
 from pallas_kernels.flash_attention.mosaic_gpu import _interpret_params, is_hopper
 
-__all__ = ["mgpu_config", "ternary_gemv_mgpu", "supported", "is_hopper"]
+__all__ = ["mgpu_config", "ternary_gemv_mgpu", "supported", "usable", "is_hopper"]
 
 _WG = 128                  # threads of the one warpgroup
 _ONES = 0x01010101
@@ -78,6 +78,12 @@ def supported(k4: int, n4: int) -> str | None:
   if n4 % 8:
     return f"packed columns N4={n4} must be a multiple of 8 (export with align >= 8)"
   return None
+
+
+def usable(m: int, k4: int, n4: int, interpret: bool) -> bool:
+  """Whether `ternary_matmul(impl="auto")` takes this kernel: one token (M = 1), compiled (not
+  interpret mode) on a Hopper GPU, and words [k4, n4] it `supported`."""
+  return m == 1 and not interpret and is_hopper() and supported(k4, n4) is None
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
