@@ -578,8 +578,8 @@ def ternary_matmul(x_MK: jax.Array, scale_x_M: jax.Array, p: PackedTernary, *,
     impl: one of IMPLS; "auto" = `auto_impl(M, K4, mgpu)`: mgpu for M = 1 when compiled on a
       Hopper GPU and the words suit it (`ternary_mgpu.usable`); else dp4a for M <= DP4A_MAX_M
       (K4 % 4 == 0), else gemv for M <= GEMV_MAX_M; dot for M <= DOT_MAX_M, else xla_int8
-      (unpack to int8 + XLA int8 matmul). impl="mgpu" takes only M = 1 (an error otherwise) and runs emulated in
-      interpret mode.
+      (unpack to int8 + XLA int8 matmul). impl="mgpu" takes only M = 1 (an error otherwise)
+      and runs emulated in interpret mode.
     interpret: run Pallas kernels in the interpreter; default True off-GPU, False on GPU.
     block_t (gemv/dp4a tokens per program), block_m (dot rows per program), block_w (words per
       column tile), block_k (packed rows per step; dp4a: groups of 4 packed rows), split_k (K
